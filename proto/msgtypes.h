@@ -37,6 +37,8 @@
 /* Deepest nesting of arrays and maps inside a frame. */
 #define PD_NEST_MAX 8
 
+/* Adding a type: add it here AND to the names table in msgtypes.c, or the
+ * decoder rejects it as unknown. */
 enum pd_msg_type {
     /* Every link, 1-99. */
     PD_MSG_HELLO = 1,  /* {v, role: "guest"|"agent"|"scheduler", name} */
