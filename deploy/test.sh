@@ -48,8 +48,14 @@ grep -E "^(Ok|Fail|Expected|Unexpected|Skipped|Timeout):" "$RESULTS/unit.log" "$
 
 if [ -z "${PADDOCK_TEST_QUICK:-}" ]; then
     # Fuzzers: clang's libFuzzer with ASan+UBSan, each for FUZZ_SECONDS.
-    if CC=clang setup build-fuzz -Dfuzz=true -Dtests=disabled -Dbench=false \
-        -Db_sanitize=address,undefined -Db_lundef=false; then
+    targets=""
+    for src in tests/fuzz/fuzz_*.c; do
+        targets="$targets tests/fuzz/$(basename "$src" .c)"
+    done
+    if { [ -f build-fuzz/build.ninja ] || CC=clang meson setup build-fuzz \
+            -Dfuzz=true -Dtests=disabled -Dbench=false \
+            -Db_sanitize=address,undefined -Db_lundef=false >/dev/null; } &&
+        ninja -C build-fuzz $targets >build-fuzz.ninja.log 2>&1; then
         for f in build-fuzz/tests/fuzz/fuzz_*; do
             [ -x "$f" ] || continue
             name=$(basename "$f")
