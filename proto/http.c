@@ -892,6 +892,8 @@ has_ctl(const char *s)
     return false;
 }
 
+static bool token_ok(const char *s, bool value);
+
 static int
 count_header(const struct pd_http_req *r, const char *name,
              const char **first)
@@ -1001,6 +1003,11 @@ validate_headers(struct conn *c, struct pd_http_req *r)
     int ncl, nte, nhost;
 
     for (i = 0; i < r->nhdrs; i++) {
+        /* The parser lets blanks into names ("Content-Length : 5"),
+         * which other servers read differently: refuse them. */
+        if (!token_ok(r->hb + r->hdrs[i].name, false))
+            return fail_cb(c, 400, "bad header name '%s'",
+                           r->hb + r->hdrs[i].name);
         if (has_ctl(r->hb + r->hdrs[i].value))
             return fail_cb(c, 400, "control character in header '%s'",
                            r->hb + r->hdrs[i].name);
@@ -2313,7 +2320,7 @@ pd_http_raw_close(struct pd_http_raw *x)
         conn_end(x->c);
 }
 
-/* ---- freeing --------------------------------------------------------------- */
+/* ---- freeing --------------------------------------------------------- */
 
 static void
 req_free(struct pd_http_req *r)
