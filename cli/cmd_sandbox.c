@@ -1,0 +1,232 @@
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli/args.h"
+#include "cli/commands.h"
+#include "cli/output.h"
+#include "cli/requests.h"
+#include "common/util.h"
+
+void
+print_json(const json_t *j)
+{
+    json_dumpf(j, stdout, JSON_INDENT(2) | JSON_ENCODE_ANY);
+    fputc('\n', stdout);
+}
+
+int
+usage_error(const char *fmt, ...)
+{
+    va_list ap;
+
+    fputs("paddock: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    return EXIT_USAGE;
+}
+
+bool
+json_num_at(const json_t *o, double *out, const char *const *paths)
+{
+    for (; *paths != NULL; paths++) {
+        const json_t *v = o;
+        char buf[128], *save = NULL, *part;
+
+        pd_strlcpy(buf, *paths, sizeof(buf));
+        for (part = strtok_r(buf, ".", &save); part != NULL && v != NULL;
+             part = strtok_r(NULL, ".", &save))
+            v = json_object_get(v, part);
+        if (json_is_number(v)) {
+            *out = json_number_value(v);
+            return true;
+        }
+    }
+    return false;
+}
+
+const char *
+json_text(const json_t *o, const char *key, char *buf, size_t len)
+{
+    fmt_scalar(json_object_get(o, key), buf, len);
+    return buf;
+}
+
+static void
+sandbox_row(struct table *t, const json_t *s, uint64_t now)
+{
+    char id[80], state[32], node[80], cpus[16], mem[16], disk[16], age[16];
+    double v;
+    const char *const pm[] = {"memory_mb", "resources.memory_mb", NULL};
+    const char *const pd[] = {"disk_mb", "resources.disk_mb", NULL};
+    const char *const pc[] = {"cpus", "resources.cpus", NULL};
+    const char *cells[7];
+
+    json_text(s, "id", id, sizeof(id));
+    json_text(s, "state", state, sizeof(state));
+    json_text(s, "node", node, sizeof(node));
+    snprintf(cpus, sizeof(cpus), "-");
+    if (json_num_at(s, &v, pc))
+        snprintf(cpus, sizeof(cpus), "%g", v);
+    snprintf(mem, sizeof(mem), "-");
+    if (json_num_at(s, &v, pm))
+        fmt_mb((uint64_t)v, mem, sizeof(mem));
+    snprintf(disk, sizeof(disk), "-");
+    if (json_num_at(s, &v, pd))
+        fmt_mb((uint64_t)v, disk, sizeof(disk));
+    fmt_age(json_object_get(s, "created_at"), now, age, sizeof(age));
+    cells[0] = id;
+    cells[1] = state;
+    cells[2] = node;
+    cells[3] = cpus;
+    cells[4] = mem;
+    cells[5] = disk;
+    cells[6] = age;
+    table_add(t, cells);
+}
+
+/* One line for a sandbox that was just created or fetched. */
+static void
+sandbox_summary(const json_t *s)
+{
+    char id[80], state[32], node[80], reason[256];
+
+    json_text(s, "id", id, sizeof(id));
+    json_text(s, "state", state, sizeof(state));
+    json_text(s, "node", node, sizeof(node));
+    json_text(s, "reason", reason, sizeof(reason));
+    printf("sandbox %s: %s", id, state);
+    if (strcmp(node, "-") != 0)
+        printf(" on node %s", node);
+    if (strcmp(reason, "-") != 0)
+        printf(" (%s)", reason);
+    putchar('\n');
+}
+
+static int
+create(struct cli *c, int argc, char **argv)
+{
+    struct cli_args a;
+    char err[512], label[128];
+    json_t *body = NULL, *resp = NULL;
+    char *path = NULL;
+    struct cli_call k = {.method = "POST"};
+    json_error_t je;
+    int rv;
+
+    if (cli_args_parse(argc, argv, create_opts, create_nopts, &a, err,
+                       sizeof(err)) < 0 ||
+        req_create(&a, &body, &path, err, sizeof(err)) != EXIT_OK)
+        return usage_error("%s", err);
+    snprintf(label, sizeof(label), "creating sandbox %s", a.pos[0]);
+    k.path = path;
+    k.json = body;
+    k.progress = label;
+    k.wait_progress = true;
+    rv = cli_do(c, &k);
+    if (rv == EXIT_OK)
+        rv = cli_check(c, &k);
+    if (rv == EXIT_OK) {
+        resp = json_loadb(k.resp_body != NULL ? k.resp_body : "{}",
+                          k.resp_len > 0 ? k.resp_len : 2, 0, &je);
+        if (resp == NULL) {
+            cli_errorf("the scheduler sent bad JSON: %s", je.text);
+            rv = EXIT_SERVER;
+        } else if (c->json) {
+            print_json(resp);
+        } else if (!c->quiet) {
+            sandbox_summary(resp);
+        }
+        if (resp != NULL && json_is_string(json_object_get(resp, "state")) &&
+            strcmp(json_string_value(json_object_get(resp, "state")),
+                   "failed") == 0)
+            rv = EXIT_SERVER;
+    }
+    json_decref(resp);
+    json_decref(body);
+    free(path);
+    cli_call_free(&k);
+    return rv;
+}
+
+static int
+list(struct cli *c, int argc, char **argv)
+{
+    struct cli_args a;
+    char err[512];
+    char *path = NULL;
+    json_t *resp, *items, *s;
+    struct table t;
+    static const char *const head[] = {"ID", "STATE", "NODE", "CPUS",
+                                       "MEMORY", "DISK", "AGE"};
+    size_t i;
+    int rv;
+
+    if (cli_args_parse(argc, argv, list_opts, list_nopts, &a, err,
+                       sizeof(err)) < 0 ||
+        req_list(&a, &path, err, sizeof(err)) != EXIT_OK)
+        return usage_error("%s", err);
+    rv = cli_json(c, "GET", path, NULL, &resp);
+    free(path);
+    if (rv != EXIT_OK)
+        return rv;
+    if (c->json) {
+        print_json(resp);
+        json_decref(resp);
+        return EXIT_OK;
+    }
+    items = list_items(resp, "sandboxes");
+    table_init(&t, 7, head);
+    json_array_foreach(items, i, s)
+        sandbox_row(&t, s, pd_wall_ms());
+    table_print(&t, stdout);
+    table_free(&t);
+    json_decref(resp);
+    return EXIT_OK;
+}
+
+static int
+get_or_rm(struct cli *c, int argc, char **argv, bool rm)
+{
+    json_t *resp;
+    char *path;
+    int rv;
+
+    if (argc != 1)
+        return usage_error("usage: paddock sandbox %s ID",
+                           rm ? "rm" : "get");
+    if (!pd_id_valid(argv[0]))
+        return usage_error("bad sandbox id '%s'", argv[0]);
+    path = cli_path("/v1/sandboxes/%s", argv[0]);
+    rv = cli_json(c, rm ? "DELETE" : "GET", path, NULL, &resp);
+    free(path);
+    if (rv != EXIT_OK)
+        return rv;
+    if (c->json)
+        print_json(resp != NULL ? resp : json_object());
+    else if (rm && !c->quiet)
+        printf("sandbox %s removed\n", argv[0]);
+    else if (!rm && resp != NULL)
+        print_object(resp, stdout, 0);
+    json_decref(resp);
+    return EXIT_OK;
+}
+
+int
+cmd_sandbox(struct cli *c, int argc, char **argv)
+{
+    const char *sub = argc > 0 ? argv[0] : "";
+
+    if (strcmp(sub, "create") == 0)
+        return create(c, argc - 1, argv + 1);
+    if (strcmp(sub, "list") == 0 || strcmp(sub, "ls") == 0)
+        return list(c, argc - 1, argv + 1);
+    if (strcmp(sub, "get") == 0)
+        return get_or_rm(c, argc - 1, argv + 1, false);
+    if (strcmp(sub, "rm") == 0 || strcmp(sub, "delete") == 0)
+        return get_or_rm(c, argc - 1, argv + 1, true);
+    return usage_error("usage: paddock sandbox create|list|get|rm ...");
+}
