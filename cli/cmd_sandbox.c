@@ -206,7 +206,7 @@ get_or_rm(struct cli *c, int argc, char **argv, bool rm)
     if (rv != EXIT_OK)
         return rv;
     if (c->json)
-        print_json(resp != NULL ? resp : json_object());
+        print_json(resp != NULL ? resp : json_null());
     else if (rm && !c->quiet)
         printf("sandbox %s removed\n", argv[0]);
     else if (!rm && resp != NULL)
