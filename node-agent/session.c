@@ -101,6 +101,12 @@ agent_parse_addr(const char *text, struct sockaddr_storage *out)
 }
 
 static void
+on_retry_timer(uv_timer_t *t)
+{
+    try_connect(t->data);
+}
+
+static void
 schedule_retry(struct agent_session *s, bool now)
 {
     uint64_t delay = 0, jitter = 0;
@@ -115,7 +121,7 @@ schedule_retry(struct agent_session *s, bool now)
         if (s->backoff_ms > s->backoff_max)
             s->backoff_ms = s->backoff_max;
     }
-    uv_timer_start(&s->retry, (uv_timer_cb)try_connect, delay, 0);
+    uv_timer_start(&s->retry, on_retry_timer, delay, 0);
 }
 
 static void

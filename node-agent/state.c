@@ -16,6 +16,7 @@ static const char schema[] =
     "PRAGMA synchronous=NORMAL;"
     "CREATE TABLE IF NOT EXISTS sandboxes ("
     "  id TEXT PRIMARY KEY,"
+    "  dir TEXT NOT NULL,"
     "  spec TEXT NOT NULL,"
     "  state TEXT NOT NULL,"
     "  reason TEXT NOT NULL DEFAULT '',"
@@ -97,22 +98,24 @@ int
 agent_state_put(struct agent_state *st, const struct agent_state_row *row)
 {
     static const char sql[] =
-        "INSERT OR REPLACE INTO sandboxes (id, spec, state, reason, pid,"
-        " pid_start, created_ms, ports) VALUES (?, ?, ?, ?, ?, ?, ?, ?)";
+        "INSERT OR REPLACE INTO sandboxes (id, dir, spec, state, reason,"
+        " pid, pid_start, created_ms, ports)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)";
     sqlite3_stmt *s;
     int rv;
 
     if (sqlite3_prepare_v2(st->db, sql, -1, &s, NULL) != SQLITE_OK)
         return fail(st, "prepare put");
     sqlite3_bind_text(s, 1, row->id, -1, SQLITE_STATIC);
-    sqlite3_bind_text(s, 2, row->spec ? row->spec : "{}", -1, SQLITE_STATIC);
-    sqlite3_bind_text(s, 3, row->state, -1, SQLITE_STATIC);
-    sqlite3_bind_text(s, 4, row->reason ? row->reason : "", -1,
+    sqlite3_bind_text(s, 2, row->dir, -1, SQLITE_STATIC);
+    sqlite3_bind_text(s, 3, row->spec ? row->spec : "{}", -1, SQLITE_STATIC);
+    sqlite3_bind_text(s, 4, row->state, -1, SQLITE_STATIC);
+    sqlite3_bind_text(s, 5, row->reason ? row->reason : "", -1,
                       SQLITE_STATIC);
-    sqlite3_bind_int64(s, 5, row->pid);
-    sqlite3_bind_int64(s, 6, (sqlite3_int64)row->pid_start);
-    sqlite3_bind_int64(s, 7, (sqlite3_int64)row->created_ms);
-    sqlite3_bind_text(s, 8, row->ports ? row->ports : "[]", -1,
+    sqlite3_bind_int64(s, 6, row->pid);
+    sqlite3_bind_int64(s, 7, (sqlite3_int64)row->pid_start);
+    sqlite3_bind_int64(s, 8, (sqlite3_int64)row->created_ms);
+    sqlite3_bind_text(s, 9, row->ports ? row->ports : "[]", -1,
                       SQLITE_STATIC);
     rv = sqlite3_step(s) == SQLITE_DONE ? 0 : fail(st, "put");
     sqlite3_finalize(s);
@@ -148,7 +151,8 @@ agent_state_each(struct agent_state *st,
                  void *arg)
 {
     static const char sql[] =
-        "SELECT id, spec, state, reason, pid, pid_start, created_ms, ports"
+        "SELECT id, dir, spec, state, reason, pid, pid_start, created_ms,"
+        " ports"
         " FROM sandboxes ORDER BY created_ms, id";
     sqlite3_stmt *s;
     int rv = 0, step;
@@ -158,13 +162,14 @@ agent_state_each(struct agent_state *st,
     while ((step = sqlite3_step(s)) == SQLITE_ROW) {
         struct agent_state_row row = {
             .id = col_text(s, 0),
-            .spec = col_text(s, 1),
-            .state = col_text(s, 2),
-            .reason = col_text(s, 3),
-            .pid = sqlite3_column_int64(s, 4),
-            .pid_start = (uint64_t)sqlite3_column_int64(s, 5),
-            .created_ms = (uint64_t)sqlite3_column_int64(s, 6),
-            .ports = col_text(s, 7),
+            .dir = col_text(s, 1),
+            .spec = col_text(s, 2),
+            .state = col_text(s, 3),
+            .reason = col_text(s, 4),
+            .pid = sqlite3_column_int64(s, 5),
+            .pid_start = (uint64_t)sqlite3_column_int64(s, 6),
+            .created_ms = (uint64_t)sqlite3_column_int64(s, 7),
+            .ports = col_text(s, 8),
         };
 
         rv = fn(arg, &row);

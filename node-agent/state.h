@@ -20,6 +20,7 @@ struct agent_state;
 
 struct agent_state_row {
     const char *id;
+    const char *dir;    /* the sandbox's directory (agent-chosen name) */
     const char *spec;   /* JSON object */
     const char *state;  /* "starting", "running", "failed", ... */
     const char *reason; /* "" when none */
