@@ -1279,6 +1279,12 @@ process(struct conn *c)
             conn_fail(c, c->err_status, c->err_msg);
             return;
         }
+        if (c->eof && c->in_off == c->in_len && c->req != NULL &&
+            c->dispatched && c->req->has_body && !c->req->msg_done &&
+            c->req->body_err == 0) {
+            /* The client stopped sending in the middle of its body. */
+            c->req->body_err = -ECONNRESET;
+        }
         deliver_body(c);
         if (c->closing || c->lingering || c->raw != NULL)
             continue;

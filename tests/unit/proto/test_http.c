@@ -805,6 +805,23 @@ test_expect_continue(void **state)
     client_free(c);
 }
 
+/* A body cut short by the client's EOF is an error, not a hang. */
+static void
+test_truncated_body(void **state)
+{
+    struct client *c = client_new();
+    struct resp r;
+
+    (void)state;
+    send_str(c, "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
+                "\r\nabc");
+    shutdown(c->fd, SHUT_WR);
+    assert_true(read_resp(c, &r));
+    assert_int_equal(r.status, 400);
+    assert_true(closed_by_server(c));
+    client_free(c);
+}
+
 /* The upgrade hands over the raw stream, including bytes sent early. */
 static void
 test_upgrade(void **state)
@@ -1230,6 +1247,7 @@ main(void)
         cmocka_unit_test(test_idle_timeout),
         cmocka_unit_test(test_expect_continue),
         cmocka_unit_test(test_upgrade),
+        cmocka_unit_test(test_truncated_body),
         cmocka_unit_test(test_routing),
         cmocka_unit_test(test_json),
         cmocka_unit_test(test_abort),
