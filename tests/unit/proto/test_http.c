@@ -167,6 +167,24 @@ h_upload(struct pd_http_req *r, const struct pd_http_params *p, void *arg)
     pd_http_body_stream(r, 0, &cb, u);
 }
 
+/* The same with a 1 MiB cap. */
+static void
+h_capped(struct pd_http_req *r, const struct pd_http_params *p, void *arg)
+{
+    static const struct pd_http_body_stream_cb cb = {
+        .on_data = upload_data,
+        .on_end = upload_end,
+    };
+    struct upload *u = calloc(1, sizeof(*u));
+
+    (void)p;
+    (void)arg;
+    u->r = r;
+    uv_timer_init(&fx.loop, &u->t);
+    u->t.data = u;
+    pd_http_body_stream(r, 1u << 20, &cb, u);
+}
+
 /* Download: ?mb=N megabytes of a pattern, chunked, paced by on_drain. */
 struct download {
     uint64_t left;
@@ -308,6 +326,7 @@ static const struct pd_http_route routes[] = {
     {"POST", "/echo", h_echo},
     {"POST", "/json", h_json},
     {"PUT", "/upload", h_upload},
+    {"PUT", "/capped", h_capped},
     {"GET", "/download", h_download},
     {"GET", "/sse", h_sse},
     {"GET", "/peer", h_peer},
@@ -1092,6 +1111,37 @@ test_curl_large(void **state)
 #endif
 }
 
+/* A streamed upload over the route's cap gets 413, declared or not. */
+static void
+test_curl_capped(void **state)
+{
+    int chunked;
+
+    (void)state;
+    for (chunked = 0; chunked < 2; chunked++) {
+        struct sink s = {.keep = true};
+        struct source src = {.left = 8u << 20};
+        CURL *h = curl_for("/capped", &s);
+        long code = 0;
+        CURLcode rc;
+
+        curl_easy_setopt(h, CURLOPT_UPLOAD, 1L);
+        curl_easy_setopt(h, CURLOPT_READFUNCTION, source_read);
+        curl_easy_setopt(h, CURLOPT_READDATA, &src);
+        if (!chunked)
+            curl_easy_setopt(h, CURLOPT_INFILESIZE_LARGE,
+                             (curl_off_t)src.left);
+        rc = curl_easy_perform(h);
+        curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &code);
+        curl_easy_cleanup(h);
+        /* curl may also notice that the rest was not read. */
+        assert_true(rc == CURLE_OK || rc == CURLE_SEND_ERROR);
+        assert_int_equal(code, 413);
+        assert_non_null(strstr(s.data, "body_too_large"));
+        free(s.data);
+    }
+}
+
 /* SSE events arrive in the text/event-stream format. */
 static void
 test_curl_sse(void **state)
@@ -1253,6 +1303,7 @@ main(void)
         cmocka_unit_test(test_abort),
         cmocka_unit_test(test_max_conns),
         cmocka_unit_test(test_curl_sse),
+        cmocka_unit_test(test_curl_capped),
         cmocka_unit_test(test_curl_reuse),
     };
     const struct CMUnitTest big[] = {
