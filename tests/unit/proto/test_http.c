@@ -990,6 +990,70 @@ test_max_conns(void **state)
         usleep(10000);
 }
 
+/* Mutated requests (fixed seed) never crash the server or wedge it. */
+static void
+test_garbage(void **state)
+{
+    static const char *const seeds[] = {
+        "GET /hello?a=1&b=%20 HTTP/1.1\r\nHost: x\r\nX-A: b\r\n\r\n",
+        "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"
+        "hello",
+        "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+        "\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        "POST /json HTTP/1.1\r\nHost: x\r\nContent-Length: 15\r\n\r\n"
+        "{\"name\":\"abc\"}",
+        "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+        "Upgrade: echo\r\n\r\nquit",
+    };
+    static const char junk[] = "\r\n:% \t\x00\xff" "0aZ{";
+    unsigned seed = 12345;
+    int i, answered = 0;
+    struct client *c;
+    struct resp r;
+
+    (void)state;
+    for (i = 0; i < 400; i++) {
+        char buf[512];
+        const char *sd = seeds[i % PD_ARRAY_SIZE(seeds)];
+        size_t n = strlen(sd), k, edits = 1 + rand_r(&seed) % 4;
+
+        memcpy(buf, sd, n);
+        for (k = 0; k < edits; k++) {
+            size_t at = (size_t)rand_r(&seed) % n;
+
+            switch (rand_r(&seed) % 3) {
+            case 0: /* replace */
+                buf[at] = junk[rand_r(&seed) % (sizeof(junk) - 1)];
+                break;
+            case 1: /* cut */
+                n = at + 1;
+                break;
+            default: /* insert */
+                if (n + 1 < sizeof(buf)) {
+                    memmove(buf + at + 1, buf + at, n - at);
+                    buf[at] = junk[rand_r(&seed) % (sizeof(junk) - 1)];
+                    n++;
+                }
+            }
+        }
+        c = client_new();
+        if (send(c->fd, buf, n, MSG_NOSIGNAL) == (ssize_t)n) {
+            shutdown(c->fd, SHUT_WR);
+            while (fill(c) > 0 && c->len < sizeof(c->buf) - 1)
+                ;
+            answered += c->len > 0;
+        }
+        client_free(c);
+    }
+    printf("%d of 400 mutated requests got an answer\n", answered);
+    assert_true(answered > 100);
+    c = client_new();
+    send_str(c, "GET /hello HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_true(read_resp(c, &r));
+    assert_int_equal(r.status, 200);
+    client_free(c);
+}
+
 /* ---- tests: libcurl ----------------------------------------------------- */
 
 struct sink {
@@ -1302,6 +1366,7 @@ main(void)
         cmocka_unit_test(test_json),
         cmocka_unit_test(test_abort),
         cmocka_unit_test(test_max_conns),
+        cmocka_unit_test(test_garbage),
         cmocka_unit_test(test_curl_sse),
         cmocka_unit_test(test_curl_capped),
         cmocka_unit_test(test_curl_reuse),
