@@ -20,6 +20,7 @@
 
 #include "cli/args.h"
 #include "cli/client.h"
+#include "cli/commands.h"
 #include "cli/output.h"
 #include "cli/requests.h"
 #include "common/util.h"
@@ -449,6 +450,8 @@ up_end(struct pd_http_req *r, int err, void *arg)
                                                (json_int_t)uploaded));
 }
 
+#define SSE(r, ev, lit) pd_http_sse_event(r, ev, lit, sizeof(lit) - 1)
+
 static void
 on_request(struct pd_http_req *r, void *arg)
 {
@@ -463,6 +466,19 @@ on_request(struct pd_http_req *r, void *arg)
         pd_http_respond_error(r, 401, "unauthorized", "bad token");
     } else if (strcmp(path, "/boom") == 0) {
         pd_http_respond_error(r, 503, "unavailable", "no leader");
+    } else if (strcmp(path, "/v1/sandboxes/sb/exec") == 0) {
+        /* The event shapes cli/README.md documents. */
+        pd_http_sse_start(r);
+        SSE(r, "start", "{\"pid\":5}");
+        SSE(r, "stdout", "{\"data\":\"aGVsbG8K\"}");
+        SSE(r, "stderr", "{\"text\":\"warn\"}");
+        SSE(r, "stdout", "{\"data\":\"AAE=\"}");
+        SSE(r, "exit", "{\"exit_code\":7}");
+        pd_http_end(r);
+    } else if (strcmp(path, "/v1/sandboxes/cut/exec") == 0) {
+        pd_http_sse_start(r);
+        SSE(r, "stdout", "{\"data\":\"aGk=\"}");
+        pd_http_end(r);
     } else if (strcmp(path, "/upload") == 0) {
         static const struct pd_http_body_stream_cb cb = {up_data, up_end};
 
@@ -585,6 +601,64 @@ test_client_upload(void **state)
     cli_free(&c);
 }
 
+/* Runs fn with fd 1 and 2 captured into out/err (NUL-terminated). */
+static int
+captured(int (*fn)(struct cli *, int, char **, bool), struct cli *c,
+         int argc, char **argv, char *out, size_t outlen, char *err,
+         size_t errlen)
+{
+    FILE *fo = tmpfile(), *fe = tmpfile();
+    int so = dup(1), se = dup(2), rv;
+    size_t n;
+
+    fflush(stdout);
+    fflush(stderr);
+    dup2(fileno(fo), 1);
+    dup2(fileno(fe), 2);
+    rv = fn(c, argc, argv, false);
+    fflush(stdout);
+    fflush(stderr);
+    dup2(so, 1);
+    dup2(se, 2);
+    close(so);
+    close(se);
+    rewind(fo);
+    n = fread(out, 1, outlen - 1, fo);
+    out[n] = '\0';
+    rewind(fe);
+    n = fread(err, 1, errlen - 1, fe);
+    err[n] = '\0';
+    fclose(fo);
+    fclose(fe);
+    return rv;
+}
+
+/* exec decodes the event stream: bytes pass through, the exit code is the
+ * command's, a stream cut before "exit" is paddock's failure (125). */
+static void
+test_exec_stream(void **state)
+{
+    struct cli c = {0};
+    char list[64], err[256], out[256], errs[512];
+    char a0[] = "sb", a1[] = "--", a2[] = "true";
+    char b0[] = "cut", b1[] = "--", b2[] = "true";
+    char *argv[] = {a0, a1, a2, NULL};
+    char *argv2[] = {b0, b1, b2, NULL};
+
+    (void)state;
+    snprintf(list, sizeof(list), "127.0.0.1:%d", port);
+    assert_int_equal(cli_set_addrs(&c, list, err, sizeof(err)), 0);
+    assert_int_equal(captured(cmd_exec, &c, 3, argv, out, sizeof(out), errs,
+                              sizeof(errs)), 7);
+    assert_memory_equal(out, "hello\n\0\1", 8);
+    assert_string_equal(errs, "warn");
+    assert_int_equal(captured(cmd_exec, &c, 3, argv2, out, sizeof(out),
+                              errs, sizeof(errs)), EXIT_EXEC_FAILED);
+    assert_string_equal(out, "hi");
+    assert_non_null(strstr(errs, "ended before the command exited"));
+    cli_free(&c);
+}
+
 int
 main(void)
 {
@@ -605,6 +679,7 @@ main(void)
     const struct CMUnitTest net[] = {
         cmocka_unit_test(test_client_transport),
         cmocka_unit_test(test_client_upload),
+        cmocka_unit_test(test_exec_stream),
     };
     int fails = 0;
 
