@@ -108,7 +108,8 @@ int pd_http_server_new(uv_loop_t *loop, const struct pd_http_opts *o,
                        size_t errlen);
 
 /*
- * Listens on "host:port" ("127.0.0.1:8080", "[::1]:0", port 0 picks one).
+ * Listens on "ip:port" ("127.0.0.1:8080", "[::1]:0"; numeric addresses
+ * only; port 0 picks one).
  * Returns 0 or -errno with the reason in err.
  */
 int pd_http_server_listen(struct pd_http_server *s, const char *addr,
@@ -175,7 +176,9 @@ bool pd_http_req_connected(const struct pd_http_req *r);
 void pd_http_req_set_data(struct pd_http_req *r, void *data);
 void *pd_http_req_data(const struct pd_http_req *r);
 
-/* Called when the client goes away before the request is finished. */
+/* Called when the client goes away before the request is finished (from
+ * a close callback, never inside another pd_http call); arg is the
+ * request's data. */
 void pd_http_on_abort(struct pd_http_req *r,
                       void (*cb)(struct pd_http_req *r, void *arg));
 
@@ -243,12 +246,15 @@ int pd_http_write(struct pd_http_req *r, const void *data, size_t len);
 int pd_http_end(struct pd_http_req *r);
 size_t pd_http_queued(const struct pd_http_req *r);
 bool pd_http_started(const struct pd_http_req *r);
+/* cb runs when the write queue falls below PD_HTTP_LOW_WATER after it
+ * reached PD_HTTP_HIGH_WATER; arg is the request's data. */
 void pd_http_on_drain(struct pd_http_req *r,
                       void (*cb)(struct pd_http_req *r, void *arg));
 
 /* Server-sent events: starts a 200 text/event-stream response. */
 int pd_http_sse_start(struct pd_http_req *r);
-/* One event; data may hold newlines (split into data: lines). */
+/* One event; data may hold newlines (split into data: lines) but no CR
+ * (-EINVAL): binary output should be encoded (base64) by the caller. */
 int pd_http_sse_event(struct pd_http_req *r, const char *event,
                       const char *data, size_t len);
 /* A comment line, to keep idle streams open through proxies. */
