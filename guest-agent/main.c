@@ -98,11 +98,16 @@ open_console(void)
 static void
 read_cmdline(void)
 {
-    char *buf = NULL, *save = NULL;
-    size_t len;
+    /* /proc files report size 0, so read it as a stream. */
+    static char buf[4096];
+    char *save = NULL;
+    FILE *f = fopen("/proc/cmdline", "re");
 
-    if (pd_read_file("/proc/cmdline", &buf, &len, 65536) != 0)
+    if (f == NULL)
         return;
+    if (fgets(buf, sizeof(buf), f) == NULL)
+        buf[0] = '\0';
+    fclose(f);
     for (char *t = strtok_r(buf, " \n", &save); t != NULL;
          t = strtok_r(NULL, " \n", &save)) {
         if (strncmp(t, "paddock.id=", 11) == 0 && pd_id_valid(t + 11))
@@ -116,7 +121,6 @@ read_cmdline(void)
         else if (strncmp(t, "paddock.log=", 12) == 0)
             pd_strlcpy(cfg.log, t + 12, sizeof(cfg.log));
     }
-    free(buf);
 }
 
 static void
@@ -343,6 +347,8 @@ main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
 
     load_modules();
+    pd_debug("init", "modules loaded at %llu ms",
+             (unsigned long long)(pd_now_ms() - t0));
     iface_up("lo");
     if (sethostname(cfg.id, strlen(cfg.id)) != 0)
         pd_log_errno(PD_LOG_WARN, errno, "init", "sethostname");
@@ -361,6 +367,8 @@ main(int argc, char **argv)
         }
     }
     mount_workspace();
+    pd_debug("init", "workspace ready at %llu ms",
+             (unsigned long long)(pd_now_ms() - t0));
     make_env();
     start_dhcp();
     loop_init();

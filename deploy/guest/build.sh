@@ -86,7 +86,7 @@ fetch() {
 }
 
 pkgver() {
-    dpkg-deb -f "$1" Package Version | paste -sd ' '
+    echo "$(dpkg-deb -f "$1" Package) $(dpkg-deb -f "$1" Version)"
 }
 
 # The kernel: the metapackage names the real image package in its Depends.
@@ -174,6 +174,7 @@ virtio_net virtio-rng"
 ORDER="$WORK/order"
 : >"$ORDER"
 add_mod() {
+    local m f dep
     m=$1
     grep -qx "$m" "$ORDER" && return 0
     f=$(find "$MODDIR/kernel" -name "$m.ko" -o -name "$m.ko.xz" \
