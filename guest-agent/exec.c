@@ -9,9 +9,11 @@
  * blocks on its own output, which slows only this stream.
  *
  * The command ends when its first process exits and both pipes reach EOF.
- * A daemonised grandchild that keeps a pipe open gets EXIT_GRACE_MS before
- * the exec is reported anyway. A timeout kills the whole cgroup (process
- * group and any grandchildren that left it) with SIGKILL.
+ * A grandchild that keeps a pipe open gets EXIT_GRACE_MS before the exec is
+ * reported anyway. Whatever the command started is killed when the exec
+ * ends (long-lived work belongs in processes, proc.c). A timeout kills the
+ * whole cgroup (process group and any grandchildren that left it) with
+ * SIGKILL.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -118,6 +120,10 @@ exec_free(struct gexec *x)
     close_watch(&x->werr);
     timer_stop(&x->timeout);
     timer_stop(&x->grace);
+    /* An exec ends with everything it started (daemons belong in
+     * processes): this is also what stops a fork bomb whose first shell
+     * returned at once. */
+    spawn_kill_all(x->cg, x->cg == NULL ? x->pid : 0, SIGKILL);
     leftover_add(x->cg);
     free(x->in.data);
     free(x->out.data);

@@ -298,6 +298,9 @@ make_env(void)
 
     snprintf(sandbox, sizeof(sandbox), "PADDOCK_SANDBOX=%s", cfg.id);
     guest_base_env = env;
+    /* The kernel starts init without PATH; mke2fs and udhcpc need none,
+     * but anything the agent runs by name does. */
+    setenv("PATH", env[0] + 5, 1);
 }
 
 void

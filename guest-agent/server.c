@@ -283,9 +283,14 @@ greq_find(uint64_t id)
     return NULL;
 }
 
-/* Aborts every request of the session; abort() removes and frees each. */
+/*
+ * Aborts every request of the session; abort() removes and frees each.
+ * After a hangup the input and output buffers go too; when a new HELLO
+ * ends the session, the bytes after it belong to the new one, and the
+ * decoder is in use by the caller.
+ */
 static void
-session_end(const char *why)
+session_end(const char *why, bool hangup)
 {
     int n = 0;
 
@@ -302,6 +307,8 @@ session_end(const char *why)
     chan.session = false;
     chan.broken = false;
     queue_clear();
+    if (!hangup)
+        return;
     pd_decoder_free(&chan.dec);
     pd_decoder_init(&chan.dec, PD_FRAME_MAX);
 }
@@ -326,7 +333,7 @@ on_hello(const struct pd_msg *m)
     uint64_t v = 0;
 
     if (chan.session)
-        session_end("the host said HELLO again");
+        session_end("the host said HELLO again", false);
     if (pd_msg_u64(m, "v", &v) != 0 || v != PD_PROTO_VERSION) {
         /* Answer in the host's terms, then wait for another host. */
         chan.session = true;
@@ -483,7 +490,7 @@ static void
 host_down(const char *why)
 {
     chan.host_up = false;
-    session_end(why);
+    session_end(why, true);
     timer_arm(&chan.check, HANGUP_CHECK_MS);
 }
 

@@ -170,6 +170,10 @@ child(const struct gspawn *s, const char *cg, int errfd)
         goto fail;
     if (s->cwd != NULL && chdir(s->cwd) != 0)
         goto fail;
+    /* execvpe searches the caller's PATH, not envp's: use the command's. */
+    for (char **e = s->envp; *e != NULL; e++)
+        if (strncmp(*e, "PATH=", 5) == 0)
+            setenv("PATH", *e + 5, 1);
     execvpe(s->argv[0], s->argv, s->envp);
 fail:
     err = errno;

@@ -325,10 +325,26 @@ setup_tls(struct agent *a, char *err, size_t errlen)
     return a->session_tls == NULL ? -EINVAL : 0;
 }
 
+/* QEMU runs in the sandbox's directory: image paths must be absolute. */
+static int
+absolute(char **path)
+{
+    char *abs = realpath(*path, NULL);
+    char err[64];
+
+    if (abs == NULL)
+        return -errno;
+    pd_config_set(options, path == &agent.cfg.kernel ? "kernel" : "initrd",
+                  abs, err, sizeof(err));
+    free(abs);
+    return 0;
+}
+
 static int
 setup_accel(struct agent *a, char *err, size_t errlen)
 {
-    if (access(a->cfg.kernel, R_OK) != 0 ||
+    if (absolute(&a->cfg.kernel) != 0 || absolute(&a->cfg.initrd) != 0 ||
+        access(a->cfg.kernel, R_OK) != 0 ||
         access(a->cfg.initrd, R_OK) != 0) {
         snprintf(err, errlen,
                  "guest image missing: %s, %s (run deploy/guest/build.sh)",

@@ -481,6 +481,90 @@ do_logs(void)
     guestc_proc_logs(gc, o.args[0], o.follow, &cb, NULL);
 }
 
+/* ---- multi: many requests at once beside a stalled stream ----------------- */
+
+static int multi_left;
+static uint64_t multi_max_ms;
+static struct guestc_req *flood;
+
+static void
+flood_data(struct guestc_req *r, enum guestc_stream s, const void *d,
+           size_t n, bool eof)
+{
+    (void)r;
+    (void)s;
+    (void)d;
+    (void)eof;
+    xfer_bytes += n; /* never granted back: the guest must stall it alone */
+}
+
+static void
+flood_end(struct guestc_req *r, const struct pd_msg *m)
+{
+    (void)r;
+    (void)m;
+    flood = NULL;
+}
+
+static void
+flood_err(struct guestc_req *r, int errnum, const char *msg)
+{
+    (void)r;
+    (void)errnum;
+    (void)msg;
+    flood = NULL;
+}
+
+static void
+multi_reply(struct guestc_req *r, const struct pd_msg *m)
+{
+    uint64_t ms = pd_now_ms() - t_start;
+    int64_t code = -1;
+
+    (void)r;
+    pd_msg_i64(m, "exit_code", &code);
+    if (code != 0)
+        exit_code = 3;
+    if (ms > multi_max_ms)
+        multi_max_ms = ms;
+    if (--multi_left > 0)
+        return;
+    if (flood != NULL)
+        guestc_req_cancel(flood);
+    printf("{\"done\":%d,\"max_ms\":%llu,\"stalled_bytes\":%llu}\n",
+           atoi(o.args[0]), (unsigned long long)multi_max_ms,
+           (unsigned long long)xfer_bytes);
+    fflush(stdout);
+    done(exit_code == 3 ? 1 : 0);
+}
+
+static void
+do_multi(void)
+{
+    static const struct guestc_req_cb fcb = {
+        .on_data = flood_data,
+        .on_reply = flood_end,
+        .on_error = flood_err,
+    };
+    static const struct guestc_req_cb cb = {
+        .on_reply = multi_reply,
+        .on_error = on_error,
+    };
+    static const char *const yes[] = {"yes", NULL};
+    struct guestc_exec fx = {.argv = yes, .stream = true};
+    int n = atoi(o.args[0]);
+
+    flood = guestc_exec(gc, &fx, &fcb, NULL);
+    if (flood != NULL)
+        guestc_req_manual_window(flood);
+    multi_left = n;
+    for (int i = 0; i < n; i++) {
+        struct guestc_exec x = {.command = "echo $$"};
+
+        guestc_exec(gc, &x, &cb, NULL);
+    }
+}
+
 /* ---- tunnel: a local listener whose connections go to a guest port ------- */
 
 struct tconn {
@@ -725,6 +809,12 @@ bad_input(const char *sock, const char *kind)
         pd_enc_finish(&e, &frame, &flen);
         (void)!write(fd, frame, flen);
         free(frame);
+    } else if (strcmp(kind, "nulpath") == 0) {
+        pd_enc_begin(&e, PD_MSG_FILE_STAT, 5);
+        pd_enc_strn(&e, "path", "/etc\0/passwd", 12);
+        pd_enc_finish(&e, &frame, &flen);
+        (void)!write(fd, frame, flen);
+        free(frame);
     } else if (strcmp(kind, "nohello") == 0) {
         pd_enc_begin(&e, PD_MSG_INFO, 3);
         pd_enc_finish(&e, &frame, &flen);
@@ -732,7 +822,7 @@ bad_input(const char *sock, const char *kind)
         free(frame);
     } else {
         fprintf(stderr, "pd-guest: bad kinds: garbage huge unknown types "
-                "nohello\n");
+                "nulpath nohello\n");
         close(fd);
         return 2;
     }
@@ -910,7 +1000,7 @@ static const struct cmd cmds[] = {
     {"ps", 0, do_ps},             {"proc", 1, do_proc},
     {"start", -1, do_start},      {"logs", 1, do_logs},
     {"kill", 1, do_kill},         {"wait-port", 1, do_wait_port},
-    {"tunnel", 1, do_tunnel},
+    {"tunnel", 1, do_tunnel},     {"multi", 1, do_multi},
 };
 
 int
@@ -992,7 +1082,7 @@ main(int argc, char **argv)
         char **sub_argv = argv + optind;
 
         optind = 1;
-        while ((c = getopt_long(sub_argc, sub_argv, "+rpf", opts, NULL)) !=
+        while ((c = getopt_long(sub_argc, sub_argv, "rpf", opts, NULL)) !=
                -1) {
             switch (c) {
             case 's': o.stream = true; break;

@@ -1,0 +1,293 @@
+/*
+ * paddock-scheduler internals: the daemon's configuration, its one global
+ * object, and the interfaces between the files of scheduler/.
+ *
+ *   main.c       configuration, start-up, signals, shutdown
+ *   cluster.c    the Raft member: bootstrap, own MEMBER_SET on leadership,
+ *                membership API, leadership transfer before shutdown
+ *   api.c        the HTTP API listener: auth, the route table of every
+ *                module, sandboxes CRUD, nodes, cluster, health, metrics
+ *   forward.c    writes on a follower go to the leader (PD_MSG_FORWARD)
+ *   nodes.c      the RPC listener: agent sessions (register, heartbeat,
+ *                state reports), failure detection, redirects; hands
+ *                scheduler peers (forwarding) to forward.c
+ *   lifecycle.c  create (placement, PLACE, assignment), destroy, re-place
+ *                of lost sandboxes, drain
+ *   agentc.c     client pool to the agents' RPC ports (mutual TLS),
+ *                multiplexed requests and streams with flow control
+ *   io.c         exec, processes, files routed to the owning agent
+ *   auth.c       bearer tokens: keys, bootstrap admin token, verification,
+ *                roles and tenants, rate limits
+ *   tokens.c     the token API, JWKS, revocation push to agents
+ *   ports.c      expose/unexpose, preview tokens (preview_token.c)
+ *   preview.c    the preview listener: Host routing, HTTP and WebSocket
+ *   metrics.c    counters and histograms for /metrics
+ *
+ * Everything runs on one libuv loop; no locks.
+ *
+ * Conventions shared by every handler:
+ *   - A route handler gets a struct sched_call as its arg. It is valid
+ *     only during the handler's call: copy what is needed later.
+ *   - Errors use pd_http_respond_error with DESIGN.md section 3's shape;
+ *     codes: invalid_argument, unauthorized, forbidden, not_found,
+ *     conflict, no_capacity, unavailable, rate_limited, internal.
+ *   - A tenant asking for another tenant's sandbox gets the same 404 as
+ *     for a sandbox that does not exist (sched_sandbox_lookup does it).
+ */
+#ifndef SCHED_H
+#define SCHED_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include <openssl/ssl.h>
+
+#include "common/util.h"
+#include "proto/http.h"
+#include "raft/fsm.h"
+#include "raft/node.h"
+#include "scheduler/placement.h"
+
+struct sched_nodes;
+struct sched_agentc;
+struct sched_auth;
+struct sched_forward;
+struct sched_metrics;
+struct sched_preview;
+
+struct sched_cfg {
+    char *data_dir;          /* Raft log, certs copy, admin.token */
+    uint64_t id;             /* Raft id, non-zero */
+    char *raft_addr;         /* host:port for Raft */
+    char *api_listen;        /* host:port of the HTTP API */
+    char *rpc_listen;        /* host:port for agents and schedulers */
+    char *preview_listen;    /* host:port of the preview listener */
+    char *preview_domain;    /* "preview.localhost" */
+    /* Bootstrap: "1=127.0.0.1:7001,2=127.0.0.1:7002,..." (Raft ids and
+     * addresses, this member included). Empty: join an existing cluster
+     * (wait to be added). */
+    char *bootstrap;
+    char *tls_cert, *tls_key, *tls_ca; /* cluster mTLS (make-certs.sh) */
+    char *api_tls_cert, *api_tls_key;  /* optional HTTPS on API/preview */
+    char *strategy;          /* binpack | spread */
+    char *log_level;
+    uint64_t heartbeat_ms;   /* agents' heartbeat interval; 1 s */
+    uint64_t grace_ms;       /* silent node -> down; 5 s */
+    uint64_t election_timeout_ms; /* 1 s */
+    uint64_t exec_timeout_ms;     /* default exec timeout */
+    uint64_t rate_per_s, rate_burst; /* per-token API rate limit */
+    uint64_t snapshot_threshold;
+};
+
+struct sched {
+    uv_loop_t *loop;
+    struct sched_cfg cfg;
+    enum sched_strategy strategy;
+
+    struct fsm *fsm;
+    struct raftnode *raft;
+
+    struct pd_http_server *api;
+    struct pd_http_server *preview_srv;
+    SSL_CTX *rpc_server_tls; /* RPC listener: agents and schedulers */
+    SSL_CTX *rpc_client_tls; /* to agents' RPC ports and the leader */
+    SSL_CTX *api_tls;        /* optional, API and preview listeners */
+
+    struct sched_nodes *nodes;
+    struct sched_agentc *agentc;
+    struct sched_auth *auth;
+    struct sched_forward *fwd;
+    struct sched_metrics *metrics;
+    struct sched_preview *preview;
+
+    bool stopping;
+};
+
+/* The daemon's one instance (main.c). */
+extern struct sched *sched_global;
+
+/* ---- Who is calling (auth.c) ------------------------------------------ */
+
+enum sched_role {
+    SCHED_ROLE_ADMIN = 0,
+    SCHED_ROLE_TENANT,
+    SCHED_ROLE_NODE,
+};
+
+struct sched_principal {
+    enum sched_role role;
+    char tenant[PD_ID_MAX + 1]; /* the token's subject */
+    char jti[64];
+    char sandbox[PD_ID_MAX + 1]; /* "" unless sandbox-scoped */
+};
+
+/* What every route handler gets as its arg (valid during the call). */
+struct sched_call {
+    struct sched *s;
+    struct sched_principal who;
+};
+
+int sched_auth_init(struct sched *s, char *err, size_t errlen);
+void sched_auth_close(struct sched *s);
+/*
+ * Called when this member becomes the leader: makes sure a signing key and
+ * the bootstrap admin token exist (proposing KEY_ADD and BOOTSTRAP_ADMIN
+ * once per cluster) and writes the admin token to <data_dir>/admin.token
+ * (mode 0600) on the member that minted it.
+ */
+void sched_auth_on_leader(struct sched *s);
+/*
+ * Authenticates r (Authorization: Bearer). Returns 0 with *out filled, or
+ * a negative errno after it has answered r itself (401, or 429 with
+ * Retry-After).
+ */
+int sched_auth_request(struct sched *s, struct pd_http_req *r,
+                       struct sched_principal *out);
+/* True when the principal may act on a sandbox of this tenant. */
+bool sched_auth_owns(const struct sched_principal *p, const char *tenant);
+
+/* ---- The API (api.c) --------------------------------------------------- */
+
+int sched_api_init(struct sched *s, char *err, size_t errlen);
+void sched_api_close(struct sched *s);
+
+/*
+ * Looks up a sandbox visible to the caller. Returns 0 with *out filled
+ * (fsm_sandbox_clear it), or a negative errno after answering r (404 for
+ * an unknown sandbox or another tenant's, 400 for an invalid id).
+ */
+int sched_sandbox_lookup(struct sched_call *c, struct pd_http_req *r,
+                         const char *id, struct fsm_sandbox *out);
+
+/* Route tables that api.c concatenates, in this order, after its own. */
+extern const struct pd_http_route sched_io_routes[];
+extern const size_t sched_io_nroutes;
+extern const struct pd_http_route sched_token_routes[];
+extern const size_t sched_token_nroutes;
+extern const struct pd_http_route sched_port_routes[];
+extern const size_t sched_port_nroutes;
+
+/* ---- Forwarding to the leader (forward.c) ------------------------------ */
+
+int sched_forward_init(struct sched *s, char *err, size_t errlen);
+void sched_forward_close(struct sched *s);
+/*
+ * For a write handler: when this member is not the leader, sends the whole
+ * request (method, target, headers, body up to 1 MiB) to the leader as
+ * PD_MSG_FORWARD over the RPC link, answers r with the leader's response,
+ * and returns true. Returns false on the leader (the handler goes on). With
+ * no known leader it answers 503 "unavailable" and returns true.
+ */
+bool sched_forward_if_follower(struct sched_call *c, struct pd_http_req *r);
+/* A FORWARD frame from another scheduler (nodes.c hands it over). */
+struct pd_conn;
+struct pd_msg;
+void sched_forward_serve(struct sched *s, struct pd_conn *c,
+                         const struct pd_msg *m);
+/* The leader's API / RPC address from the members table, or NULL. */
+const char *sched_leader_api_addr(struct sched *s);
+const char *sched_leader_rpc_addr(struct sched *s);
+
+/* ---- Agent sessions and failure detection (nodes.c) -------------------- */
+
+int sched_nodes_init(struct sched *s, char *err, size_t errlen);
+void sched_nodes_close(struct sched *s);
+/* Leadership changed: start or stop the failure detector. */
+void sched_nodes_on_state(struct sched *s, bool leader);
+/* Sends a frame to every connected agent session (revocation push). */
+struct pd_enc;
+void sched_nodes_broadcast(struct sched *s, struct pd_enc *e);
+
+/* ---- Sandbox life cycle, leader side (lifecycle.c) --------------------- */
+
+struct sched_create_req {
+    char id[PD_ID_MAX + 1];
+    char tenant[PD_ID_MAX + 1];
+    struct fsm_spec spec;     /* owned by the caller during the call */
+    struct fsm_kv *constraints;
+    size_t n_constraints;
+    bool wait;                /* until running (or failed) */
+    uint64_t wait_ms;
+};
+
+/* Outcome of a create, destroy or ensure. code 0 or a negative errno with
+ * a user-facing message; sb is the sandbox's row after the operation. */
+typedef void (*sched_sandbox_cb)(void *data, int code, const char *message,
+                                 const struct fsm_sandbox *sb);
+
+/* Leader only: place, commit, assign to the agent, optionally wait. */
+int sched_sandbox_create(struct sched *s, const struct sched_create_req *req,
+                         sched_sandbox_cb cb, void *data);
+/* Leader only: stop on the agent, unexpose ports, delete the row. */
+int sched_sandbox_destroy(struct sched *s, const char *id,
+                          sched_sandbox_cb cb, void *data);
+/*
+ * Any member: makes sure the sandbox runs before traffic is routed to it.
+ * A running sandbox calls cb at once; a lost (or failed by node loss) one
+ * is placed again with a fresh disk (on a follower, by asking the leader)
+ * and cb runs when it runs again, with *replaced set.
+ */
+typedef void (*sched_ensure_cb)(void *data, int code, const char *message,
+                                const struct fsm_sandbox *sb, bool replaced);
+void sched_sandbox_ensure(struct sched *s, const char *id,
+                          sched_ensure_cb cb, void *data);
+
+/* ---- Agent RPC client (agentc.c) --------------------------------------- */
+
+struct sched_areq;
+
+struct sched_areq_cb {
+    /* A frame of the reply stream: EXEC_START, STDOUT, STDERR, DATA. The
+     * client grants WINDOW credit back once this returns, unless the
+     * request is in manual-window mode. */
+    void (*on_frame)(struct sched_areq *q, const struct pd_msg *m,
+                     void *data);
+    /* The final frame: OK, EXIT (m set, status 0), or ERROR (status
+     * the errno it carried, m set), or a broken link (status < 0, m
+     * NULL). The request is freed after this returns. */
+    void (*on_end)(struct sched_areq *q, int status, const struct pd_msg *m,
+                   void *data);
+};
+
+int sched_agentc_init(struct sched *s, char *err, size_t errlen);
+void sched_agentc_close(struct sched *s);
+/*
+ * Sends a request to the agent at rpc_addr (connecting if needed; one
+ * connection per agent is shared by every request). e holds the request
+ * being built (pd_enc_begin with any id: the client sets a fresh one).
+ * Returns the request, or NULL with cb->on_end already called.
+ */
+struct sched_areq *sched_agentc_send(struct sched *s, const char *rpc_addr,
+                                     struct pd_enc *e,
+                                     const struct sched_areq_cb *cb,
+                                     void *data);
+/* A follow-up frame under the request's id (DATA, STDIN, WINDOW). */
+int sched_areq_send(struct sched_areq *q, struct pd_enc *e);
+/* Ends the request early (CANCEL); on_end is not called after this. */
+void sched_areq_cancel(struct sched_areq *q);
+/* Take over WINDOW grants (for proxies with their own backpressure). */
+void sched_areq_manual_window(struct sched_areq *q);
+void sched_areq_grant(struct sched_areq *q, size_t bytes);
+uint64_t sched_areq_id(const struct sched_areq *q);
+/* Bytes queued on the request's connection (upload backpressure). */
+size_t sched_areq_queued(const struct sched_areq *q);
+
+/* ---- Metrics (metrics.c) ----------------------------------------------- */
+
+int sched_metrics_init(struct sched *s);
+void sched_metrics_close(struct sched *s);
+/* One API request finished: route name, status, duration. */
+void sched_metrics_api(struct sched *s, const char *route, int status,
+                       uint64_t duration_us);
+void sched_metrics_inc(struct sched *s, const char *counter, uint64_t n);
+/* The Prometheus text; malloc'd. */
+char *sched_metrics_render(struct sched *s);
+
+/* ---- Preview (preview.c) ----------------------------------------------- */
+
+int sched_preview_init(struct sched *s, char *err, size_t errlen);
+void sched_preview_close(struct sched *s);
+
+#endif

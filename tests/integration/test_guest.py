@@ -1,0 +1,299 @@
+"""The guest agent serves every operation of a real VM under QEMU.
+
+One VM (TCG here) is booted from deploy/guest/out for the whole module and
+driven through pd-guest, the node agent's own client library. Every pd-guest
+call is a new host connection, so the suite also proves that the agent
+serves one host after another and keeps background processes between them.
+"""
+import hashlib
+import json
+import os
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from conftest import binary, free_port, wait_for
+
+DISK_MB = 192
+
+
+def run(vm, *args, stdin=None, timeout=120, check=True):
+    """Runs one pd-guest client command; returns its JSON lines."""
+    p = subprocess.run([binary("pd-guest"), "--dir", vm["dir"]] + list(args),
+                       stdin=stdin, capture_output=True, timeout=timeout)
+    lines = [json.loads(l) for l in p.stdout.decode().splitlines() if l]
+    if check and p.returncode != 0 and not any("error" in l for l in lines):
+        raise AssertionError("pd-guest %s failed (%d): %s" % (
+            args, p.returncode, p.stderr.decode()[-2000:]))
+    return lines
+
+
+def one(vm, *args, **kw):
+    lines = run(vm, *args, **kw)
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def err_code(reply):
+    assert "error" in reply, reply
+    return reply["error"]["code"]
+
+
+def sh(vm, cmd, *extra, **kw):
+    return one(vm, "exec", "--sh", cmd, *extra, **kw)
+
+
+@pytest.fixture(scope="module")
+def vm(guest_image, module_procs, module_workdir):
+    kernel, initrd = guest_image
+    d = os.path.join(module_workdir, "vm1")
+    p = module_procs.start("vm1", [binary("pd-guest"), "boot",
+                                    "--kernel", kernel, "--initrd", initrd,
+                                    "--dir", d, "--disk-mb", DISK_MB,
+                                    "--id", "sbx-test", "--net",
+                                    "--mem", 512])
+    try:
+        wait_for(lambda: os.path.exists(os.path.join(d, "ready")), 180,
+                 "the guest agent's HELLO")
+    except AssertionError:
+        con = os.path.join(d, "console.log")
+        print(p.log(), open(con).read() if os.path.exists(con) else "")
+        raise
+    return {"dir": d, "proc": p}
+
+
+def test_info_names_the_sandbox_and_its_disk(vm):
+    info = one(vm, "info")
+    assert info["hostname"] == "sbx-test"
+    assert info["kernel"].startswith("6.")
+    assert info["cpus"] >= 1
+    assert 0.8 * (DISK_MB << 20) < info["disk_total"] <= DISK_MB << 20
+    assert info["mem_total"] > 256 << 20
+    assert info["uptime_ms"] > 0
+
+
+def test_exec_argv_and_shell(vm):
+    r = one(vm, "exec", "--", "echo", "a b", "$HOME")
+    assert r["exit_code"] == 0 and r["stdout"] == "a b $HOME\n"
+    r = sh(vm, "echo out; echo err >&2; pwd; echo $FOO; exit 7",
+           "--env", "FOO=bar")
+    assert r["exit_code"] == 7
+    assert r["stdout"] == "out\n/workspace\nbar\n"
+    assert r["stderr"] == "err\n"
+    assert r["timed_out"] is False and r["truncated"] is False
+    r = one(vm, "exec", "--cwd", "/tmp", "--", "pwd")
+    assert r["stdout"] == "/tmp\n"
+
+
+def test_exec_stdin(vm, tmp_path):
+    f = tmp_path / "in.txt"
+    f.write_bytes(b"line1\nline2\n")
+    r = one(vm, "exec", "--stdin-file", str(f), "--", "wc", "-l")
+    assert r["stdout"].strip() == "2"
+    # Streamed stdin: the bytes flow through STDIN frames until EOF.
+    lines = run(vm, "exec", "--stdin-stream", "--", "tr", "a-z", "A-Z",
+                stdin=open(f, "rb"))
+    out = "".join(l.get("data", "") for l in lines if l.get("event") == "stdout")
+    assert out == "LINE1\nLINE2\n"
+
+
+def test_exec_bad_inputs(vm):
+    assert err_code(one(vm, "exec", "--", "/no/such/binary")) == "ENOENT"
+    assert err_code(one(vm, "exec", "--", "/etc/passwd")) == "EACCES"
+    assert err_code(one(vm, "exec", "--cwd", "/nope", "--", "true")) == "ENOENT"
+    assert err_code(one(vm, "exec", "--cwd", "../x", "--", "true")) == "EINVAL"
+    r = sh(vm, "kill -9 $$")
+    assert r["signal"] == 9 and r["exit_code"] == -1
+
+
+def test_exec_timeout_kills_grandchildren(vm):
+    # The grandchild leaves the process group with setsid; the cgroup
+    # still holds it, so the timeout ends it too.
+    t0 = time.monotonic()
+    r = sh(vm, "setsid sh -c 'sleep 300' & sleep 301", "--timeout-ms", "1500")
+    assert r["timed_out"] is True and r["signal"] == 9
+    assert time.monotonic() - t0 < 20
+    ps = sh(vm, "ps -o args")["stdout"]
+    assert "sleep 300" not in ps and "sleep 301" not in ps, ps
+
+
+def test_exec_output_is_capped(vm):
+    r = sh(vm, "head -c 3000000 /dev/zero | tr '\\0' x", "--output-max",
+           "100000")
+    assert r["exit_code"] == 0 and r["truncated"] is True
+    assert len(r["stdout"]) == 100000
+    # A flood never blocks the command: the timeout ends it.
+    r = one(vm, "exec", "--timeout-ms", "2000", "--", "yes")
+    assert r["timed_out"] is True and r["truncated"] is True
+
+
+def test_streamed_exec_output_arrives_before_the_end(vm):
+    lines = run(vm, "exec", "--stream", "--sh",
+                "echo first; sleep 2; echo second >&2; exit 4")
+    kinds = [l["event"] for l in lines]
+    assert kinds[0] == "start" and kinds[-1] == "exit"
+    first = next(l for l in lines if l["event"] == "stdout")
+    second = next(l for l in lines if l["event"] == "stderr")
+    end = lines[-1]
+    assert first["data"] == "first\n" and second["data"] == "second\n"
+    assert end["t_ms"] - first["t_ms"] >= 1500
+    assert end["exit"]["exit_code"] == 4
+
+
+def test_many_requests_beside_a_stalled_stream(vm):
+    # One connection: a `yes` stream whose reader never grants credit, and
+    # 20 execs that must all finish regardless.
+    r = one(vm, "multi", "20", timeout=120)
+    assert r["done"] == 20
+    assert r["stalled_bytes"] <= 4 << 20
+
+
+def test_processes_logs_and_signals(vm):
+    r = one(vm, "start", "--name", "stubborn", "--sh",
+            "trap '' TERM; echo started; while true; do sleep 1; done")
+    assert r["proc"] == "stubborn" and r["pid"] > 1
+    assert err_code(one(vm, "start", "--name", "stubborn", "--", "true")) \
+        == "EEXIST"
+    names = [p["proc"] for p in one(vm, "ps")["procs"]]
+    assert "stubborn" in names
+    wait_for(lambda: "started" in "".join(
+        l.get("data", "") for l in run(vm, "logs", "stubborn")), 10,
+        "the process's output in its log")
+    # SIGTERM is ignored; the grace time ends with SIGKILL.
+    one(vm, "kill", "stubborn", "--signal", "15", "--kill-after-ms", "1000")
+    p = wait_for(lambda: (lambda x: x if not x["running"] else None)(
+        one(vm, "proc", "stubborn")["proc"]), 15, "the process to be killed")
+    assert p["signal"] == 9
+    assert err_code(one(vm, "kill", "stubborn")) == "ESRCH"
+    assert err_code(one(vm, "proc", "nobody")) == "ENOENT"
+    assert err_code(one(vm, "start", "--name", "Bad Name!", "--", "true")) \
+        == "EINVAL"
+
+
+def test_logs_follow_until_the_process_ends(vm):
+    one(vm, "start", "--name", "counter", "--sh",
+        "for i in 1 2 3; do echo n$i; sleep 0.5; done; exit 5")
+    lines = run(vm, "logs", "counter", "-f", timeout=60)
+    out = "".join(l.get("data", "") for l in lines if "data" in l)
+    assert out == "n1\nn2\nn3\n"
+    assert lines[-1]["proc"]["running"] is False
+    assert lines[-1]["proc"]["exit_code"] == 5
+
+
+def test_wait_port_and_tunnel(vm):
+    run(vm, "mkdir", "-p", "/workspace/www")
+    subprocess.run([binary("pd-guest"), "--dir", vm["dir"], "put",
+                    "/workspace/www/index.html", "-"],
+                   input=b"hello through the tunnel\n", check=True,
+                   capture_output=True)
+    r = one(vm, "wait-port", "8080", "--timeout-ms", "300")
+    assert err_code(r) == "ETIMEDOUT"
+    one(vm, "start", "--name", "web", "--", "httpd", "-f", "-p", "8080",
+        "-h", "/workspace/www")
+    assert one(vm, "wait-port", "8080", "--timeout-ms", "10000") == \
+        {"t": 2, "id": 1}
+    port = free_port()
+    tun = subprocess.Popen([binary("pd-guest"), "--dir", vm["dir"],
+                            "tunnel", "8080", "--listen", str(port)],
+                           stdout=subprocess.PIPE)
+    try:
+        assert json.loads(tun.stdout.readline()) == {"listening": port}
+        for _ in range(3):
+            body = urllib.request.urlopen(
+                "http://127.0.0.1:%d/index.html" % port, timeout=20).read()
+            assert body == b"hello through the tunnel\n"
+    finally:
+        tun.kill()
+        tun.wait()
+    one(vm, "kill", "web", "--signal", "9")
+    r = one(vm, "exec", "--", "true")  # the channel is free again
+    assert r["exit_code"] == 0
+
+
+def test_file_operations_and_errors(vm, tmp_path):
+    assert one(vm, "mkdir", "-p", "/workspace/d1/d2") == {"t": 2, "id": 1}
+    assert err_code(one(vm, "mkdir", "/workspace/d1")) == "EEXIST"
+    src = tmp_path / "small"
+    src.write_bytes(b"0123456789")
+    assert one(vm, "put", "d1/d2/f.txt", str(src))["size"] == 10
+    st = one(vm, "stat", "/workspace/d1/d2/f.txt")
+    assert st["type"] == "file" and st["size"] == 10 and st["mode"] == 0o644
+    ents = one(vm, "ls", "-r", "/workspace/d1")["entries"]
+    assert sorted(e["name"] for e in ents) == ["d2", "d2/f.txt"]
+    one(vm, "put", "--append", "/workspace/d1/d2/f.txt", str(src))
+    assert one(vm, "stat", "/workspace/d1/d2/f.txt")["size"] == 20
+    one(vm, "mv", "/workspace/d1/d2/f.txt", "/tmp/moved.txt")  # across fs
+    assert err_code(one(vm, "stat", "/workspace/d1/d2/f.txt")) == "ENOENT"
+    out = tmp_path / "back"
+    one(vm, "get", "/tmp/moved.txt", str(out))
+    assert out.read_bytes() == b"0123456789" * 2
+    assert err_code(one(vm, "rm", "/workspace/d1")) == "ENOTEMPTY"
+    one(vm, "rm", "-r", "/workspace/d1")
+    assert err_code(one(vm, "ls", "/workspace/d1")) == "ENOENT"
+    # Bad paths and kinds.
+    assert err_code(one(vm, "get", "/workspace")) == "EISDIR"
+    assert err_code(one(vm, "get", "/no/such")) == "ENOENT"
+    assert err_code(one(vm, "put", "/workspace", str(src))) == "EISDIR"
+    assert err_code(one(vm, "put", "/no/dir/f", str(src))) == "ENOENT"
+    assert err_code(one(vm, "stat", "../../etc/passwd")) == "EINVAL"
+    assert err_code(one(vm, "stat", "/workspace/../etc")) == "EINVAL"
+    assert err_code(one(vm, "rm", "-r", "/")) == "EPERM"
+
+
+def test_100mib_round_trip(vm, tmp_path):
+    src = tmp_path / "big.bin"
+    with open(src, "wb") as f:
+        f.write(os.urandom(100 << 20))
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    r = one(vm, "put", "/workspace/big.bin", str(src), timeout=300)
+    assert r["size"] == 100 << 20
+    print("write 100 MiB: %d ms" % r["ms"])
+    r = sh(vm, "sha256sum /workspace/big.bin", timeout=300)
+    assert r["stdout"].split()[0] == digest
+    back = tmp_path / "back.bin"
+    r = one(vm, "get", "/workspace/big.bin", str(back), timeout=300)
+    print("read 100 MiB: %d ms" % r["ms"])
+    assert hashlib.sha256(back.read_bytes()).hexdigest() == digest
+    one(vm, "rm", "/workspace/big.bin")
+
+
+def test_write_larger_than_the_disk_is_enospc(vm):
+    with open("/dev/zero", "rb") as zero:
+        r = one(vm, "put", "/workspace/fill.bin", "-", stdin=zero,
+                timeout=300)
+    assert err_code(r) == "ENOSPC"
+    # The partial file is gone and the disk is usable again.
+    ents = one(vm, "ls", "/workspace")["entries"]
+    assert not any("fill" in e["name"] for e in ents), ents
+    assert one(vm, "info")["disk_used"] < 32 << 20
+    assert sh(vm, "echo ok > /workspace/after && cat /workspace/after")[
+        "stdout"] == "ok\n"
+
+
+def test_fork_bomb_is_contained(vm):
+    t0 = time.monotonic()
+    r = sh(vm, "bomb() { bomb | bomb & }; bomb", "--timeout-ms", "4000",
+           timeout=120)
+    assert "exit_code" in r
+    r = one(vm, "exec", "--", "true", timeout=60)
+    assert r["exit_code"] == 0
+    assert time.monotonic() - t0 < 90
+    wait_for(lambda: int(sh(vm, "ls /proc | grep -c '^[0-9]'")["stdout"])
+             < 100, 30, "the bomb's processes to be gone")
+
+
+@pytest.mark.parametrize("kind,code", [
+    ("garbage", "EPROTO"), ("huge", "EPROTO"), ("unknown", "ENOSYS"),
+    ("types", "EINVAL"), ("nulpath", "EINVAL"), ("nohello", "EPROTO")])
+def test_bad_host_input_gets_an_error_and_the_agent_goes_on(vm, kind, code):
+    lines = run(vm, "bad", kind)
+    assert any(l.get("t") == 3 and l.get("code") == code for l in lines), \
+        lines
+    assert one(vm, "exec", "--", "true")["exit_code"] == 0
+
+
+def test_shutdown_powers_off(vm):
+    assert one(vm, "shutdown") == {"t": 2, "id": 1}
+    wait_for(lambda: not vm["proc"].alive(), 60, "QEMU to exit")
