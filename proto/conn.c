@@ -502,6 +502,13 @@ pd_conn_peer_cn(const struct pd_conn *c, char *buf, size_t buflen)
     return pd_tls_peer_cn(c->tls, buf, buflen);
 }
 
+bool
+pd_conn_peer_has_ou(const struct pd_conn *c, const char *ou)
+{
+    return c->tls != NULL && pd_tls_ready(c->tls) &&
+           pd_tls_peer_has_ou(c->tls, ou);
+}
+
 uint64_t
 pd_conn_next_id(struct pd_conn *c)
 {

@@ -89,6 +89,8 @@ const char *pd_conn_peer_role(const struct pd_conn *c);
 const char *pd_conn_peer_name(const struct pd_conn *c);
 /* The peer certificate's CN on a TLS connection; -ENOENT otherwise. */
 int pd_conn_peer_cn(const struct pd_conn *c, char *buf, size_t buflen);
+/* True when the peer certificate carries OU=ou; false without TLS. */
+bool pd_conn_peer_has_ou(const struct pd_conn *c, const char *ou);
 
 /* Allocates a request id unique on this connection (never 0). */
 uint64_t pd_conn_next_id(struct pd_conn *c);

@@ -290,3 +290,26 @@ pd_tls_peer_cn(const struct pd_tls *t, char *buf, size_t buflen)
     X509_free(cert);
     return n < 0 ? -ENOENT : 0;
 }
+
+bool
+pd_tls_peer_has_ou(const struct pd_tls *t, const char *ou)
+{
+    X509 *cert = SSL_get1_peer_certificate(t->ssl);
+    X509_NAME *name;
+    size_t n = strlen(ou);
+    bool found = false;
+    int i = -1;
+
+    if (cert == NULL)
+        return false;
+    name = X509_get_subject_name(cert);
+    while (!found && (i = X509_NAME_get_index_by_NID(
+                          name, NID_organizationalUnitName, i)) >= 0) {
+        ASN1_STRING *s = X509_NAME_ENTRY_get_data(X509_NAME_get_entry(name, i));
+
+        found = (size_t)ASN1_STRING_length(s) == n &&
+                memcmp(ASN1_STRING_get0_data(s), ou, n) == 0;
+    }
+    X509_free(cert);
+    return found;
+}

@@ -61,4 +61,9 @@ const char *pd_tls_error(const struct pd_tls *t);
 /* The peer certificate's common name into buf; -ENOENT without one. */
 int pd_tls_peer_cn(const struct pd_tls *t, char *buf, size_t buflen);
 
+/* True when the peer certificate's subject has an OU equal to ou (the
+ * scheduler's RPC listener takes OU=agent and OU=scheduler peers and must
+ * tell which one it talks to). */
+bool pd_tls_peer_has_ou(const struct pd_tls *t, const char *ou);
+
 #endif
