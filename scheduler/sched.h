@@ -189,6 +189,23 @@ void sched_forward_serve(struct sched *s, struct pd_conn *c,
 /* The leader's API / RPC address from the members table, or NULL. */
 const char *sched_leader_api_addr(struct sched *s);
 const char *sched_leader_rpc_addr(struct sched *s);
+/*
+ * Added by core: nodes.c calls this when a connection from another
+ * scheduler closes, so that forward.c drops the replies it still owes on
+ * it instead of writing to a freed connection.
+ */
+void sched_forward_conn_closed(struct sched *s, struct pd_conn *c);
+
+/* ---- The Raft member (cluster.c; added by core) ------------------------ */
+
+/* Creates and starts the raftnode (bootstrap list or join mode). */
+int sched_cluster_init(struct sched *s, char *err, size_t errlen);
+/* Hands leadership over when leading, closes Raft, then calls done. */
+void sched_cluster_close(struct sched *s, void (*done)(void *data),
+                         void *data);
+/* GET /v1/cluster, POST/DELETE /v1/cluster/members (api.c mounts them). */
+extern const struct pd_http_route sched_cluster_routes[];
+extern const size_t sched_cluster_nroutes;
 
 /* ---- Agent sessions and failure detection (nodes.c) -------------------- */
 
