@@ -58,6 +58,7 @@ struct agent_cfg {
     uint64_t exec_timeout_ms, output_max;
     uint64_t heartbeat_ms;
     uint64_t boot_timeout_ms, stop_timeout_ms;
+    uint64_t kvm_probe_timeout_ms;
     bool stop_vms_on_exit;
 };
 
@@ -171,9 +172,6 @@ int sb_create(struct agent *a, const struct sb_spec *spec,
  * and directory. w (optional, taken) fires when done. */
 int sb_destroy(struct agent *a, const char *id, struct sb_waiter *w,
                char *err, size_t errlen);
-
-/* Picks the accelerator (cfg accel; auto probes KVM with a real boot). */
-int agent_choose_accel(struct agent *a, char *err, size_t errlen);
 
 /* Re-adopts or cleans up the VMs recorded in sqlite. */
 int sb_restore(struct agent *a);

@@ -20,6 +20,7 @@
 #include "common/config.h"
 #include "common/log.h"
 #include "node-agent/agent.h"
+#include "node-agent/qemu.h"
 #include "node-agent/session.h"
 #include "node-agent/state.h"
 #include "node-agent/tlsauth.h"
@@ -66,6 +67,8 @@ static const struct pd_config_opt options[] = {
      "smallest disk of one sandbox (default 16M)"},
     {"accel", PD_CFG_STRING, &agent.cfg.accel,
      "auto (probe KVM with a boot), kvm or tcg (default auto)"},
+    {"kvm_probe_timeout", PD_CFG_DURATION, &agent.cfg.kvm_probe_timeout_ms,
+     "accel auto: time for the probe VM to boot under KVM (default 15s)"},
     {"kernel", PD_CFG_STRING, &agent.cfg.kernel,
      "guest kernel (default deploy/guest/out/vmlinuz)"},
     {"initrd", PD_CFG_STRING, &agent.cfg.initrd,
@@ -120,6 +123,7 @@ set_defaults(struct agent_cfg *c)
     c->heartbeat_ms = 1000;
     c->boot_timeout_ms = 120000;
     c->stop_timeout_ms = 10000;
+    c->kvm_probe_timeout_ms = 15000;
 }
 
 static int
@@ -135,6 +139,13 @@ check_config(const struct agent_cfg *c, char *err, size_t errlen)
     if (strlen(c->data_dir) > 70) {
         snprintf(err, errlen, "data_dir is longer than 70 characters");
         return -ENAMETOOLONG;
+    }
+    /* QEMU option values split at commas; its paths come from here. */
+    if (strchr(c->data_dir, ',') != NULL || strchr(c->kernel, ',') != NULL ||
+        strchr(c->initrd, ',') != NULL) {
+        snprintf(err, errlen, "data_dir, kernel and initrd must not hold a "
+                 "comma");
+        return -EINVAL;
     }
     if (agent_parse_addr(c->rpc_listen, &sa) != 0) {
         snprintf(err, errlen, "rpc_listen: \"%s\" is not host:port",
@@ -340,6 +351,48 @@ absolute(char **path)
     return 0;
 }
 
+/*
+ * The accelerator, once for the agent's life. accel=auto boots the guest
+ * image under KVM (qemu.c's probe) because /dev/kvm can exist and still
+ * abort or hang a real guest in nested setups; an ioctl check alone would
+ * trust it.
+ */
+static int
+choose_accel(struct agent *a, char *err, size_t errlen)
+{
+    enum agent_accel acc = AGENT_ACCEL_TCG;
+    char why[512] = "";
+    uint64_t t0;
+
+    if (strcmp(a->cfg.accel, "tcg") == 0) {
+        a->accel = "tcg";
+        pd_info("agent", "accel tcg: forced by the configuration");
+        return 0;
+    }
+    if (strcmp(a->cfg.accel, "kvm") == 0) {
+        if (access("/dev/kvm", R_OK | W_OK) != 0) {
+            snprintf(err, errlen, "accel kvm: /dev/kvm: %s",
+                     strerror(errno));
+            return -ENODEV;
+        }
+        a->accel = "kvm";
+        pd_info("agent", "accel kvm: forced by the configuration");
+        return 0;
+    }
+    t0 = pd_now_ms();
+    agent_qemu_probe(a->cfg.qemu_binary, a->cfg.kernel, a->cfg.initrd,
+                     a->cfg.data_dir, (unsigned)a->cfg.kvm_probe_timeout_ms,
+                     &acc, why, sizeof(why));
+    a->accel = acc == AGENT_ACCEL_KVM ? "kvm" : "tcg";
+    if (acc == AGENT_ACCEL_KVM)
+        pd_info("agent", "accel kvm: probe %s", why);
+    else
+        pd_warn("agent", "accel tcg after a %llu ms probe: %s; VMs run "
+                "emulated, much slower",
+                (unsigned long long)(pd_now_ms() - t0), why);
+    return 0;
+}
+
 static int
 setup_accel(struct agent *a, char *err, size_t errlen)
 {
@@ -351,7 +404,7 @@ setup_accel(struct agent *a, char *err, size_t errlen)
                  a->cfg.kernel, a->cfg.initrd);
         return -ENOENT;
     }
-    return agent_choose_accel(a, err, errlen);
+    return choose_accel(a, err, errlen);
 }
 
 static void

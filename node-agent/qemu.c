@@ -114,7 +114,8 @@ check_spec(const struct agent_qemu_spec *s, char *err, size_t errlen)
         !path_ok(s->guest_sock) ||
         (s->disk_path != NULL && !path_ok(s->disk_path)) ||
         (s->qmp_sock != NULL && !path_ok(s->qmp_sock)) ||
-        (s->console_log != NULL && !path_ok(s->console_log))) {
+        (s->console_log != NULL && !path_ok(s->console_log)) ||
+        (s->proxy_unix != NULL && !path_ok(s->proxy_unix))) {
         snprintf(err, errlen, "kernel, initrd and socket paths must be set "
                  "and hold no comma");
         return -EINVAL;
@@ -225,7 +226,11 @@ agent_qemu_argv(const struct agent_qemu_spec *s, char ***out, char *err,
         for (size_t i = 0; i < s->nfwds; i++)
             fprintf(f, ",hostfwd=tcp:127.0.0.1:%u-:%u", s->fwds[i].host_port,
                     s->fwds[i].guest_port);
-        if (s->proxy_guest_port != 0 && s->proxy_host_port != 0)
+        /* ",," is a literal comma inside one -netdev value. */
+        if (s->proxy_guest_port != 0 && s->proxy_unix != NULL)
+            fprintf(f, ",guestfwd=tcp:10.0.2.100:%u-unix:%s,,reconnect=1",
+                    s->proxy_guest_port, s->proxy_unix);
+        else if (s->proxy_guest_port != 0 && s->proxy_host_port != 0)
             fprintf(f, ",guestfwd=tcp:10.0.2.100:%u-tcp:127.0.0.1:%u",
                     s->proxy_guest_port, s->proxy_host_port);
         fclose(f);

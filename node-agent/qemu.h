@@ -63,6 +63,11 @@ struct agent_qemu_spec {
      * 127.0.0.1:proxy_host_port on the host (works with restrict=on). */
     uint16_t proxy_guest_port;
     uint16_t proxy_host_port;
+    /* Added by the node agent: with proxy_guest_port, guest connections
+     * go to this unix socket instead (the agent listens on one per
+     * sandbox, so the proxy knows the sandbox without trusting the guest).
+     * The chardev reconnects, so a restarted agent serves it again. */
+    const char *proxy_unix;
     bool no_seccomp;         /* leave out -sandbox (debugging only) */
     uint32_t tsc_khz;        /* TCG only; 0: measured on this host */
     const char *const *extra_args; /* NULL-terminated, appended verbatim */

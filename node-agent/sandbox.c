@@ -37,14 +37,16 @@
 #include "common/log.h"
 #include "node-agent/agent.h"
 #include "node-agent/egress.h"
+#include "node-agent/qemu.h"
 #include "node-agent/qmp.h"
 #include "node-agent/state.h"
-#include "node-agent/vmargv.h"
 
 #define MIB (1024ULL * 1024ULL)
 #define KILL_GRACE_MS 3000
 #define SOCKET_RETRY_MS 50
 #define LOG_TAIL 600
+/* The slirp netdev of the argv qemu.c builds, for hostfwd_add. */
+#define NETDEV_ID "net0"
 
 static void vm_start(struct sandbox *sb);
 static void sb_fail(struct sandbox *sb, const char *fmt, ...)
@@ -511,6 +513,45 @@ open_log(const struct sandbox *sb)
     return open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
 }
 
+/*
+ * The sandbox's QEMU argv (qemu.c). Every path is under the sandbox's
+ * agent-named directory; the id only becomes the guest's hostname, and it
+ * was validated before the sandbox existed.
+ */
+static int
+build_argv(const struct sandbox *sb, char ***argv, char *err, size_t errlen)
+{
+    const struct agent *a = sb->agent;
+    char disk[PATH_MAX], gsock[PATH_MAX], qsock[PATH_MAX], con[PATH_MAX];
+    char esock[PATH_MAX];
+    bool allow = strcmp(sb->egress, "allow") == 0;
+    struct agent_qemu_spec s = {
+        .qemu = a->cfg.qemu_binary,
+        .sandbox_id = sb->id,
+        .kernel = a->cfg.kernel,
+        .initrd = a->cfg.initrd,
+        .disk_path = disk,
+        .vcpus = sb->cpus,
+        .memory_mb = (unsigned)sb->memory_mb,
+        .accel = strcmp(a->accel, "kvm") == 0 ? AGENT_ACCEL_KVM
+                                              : AGENT_ACCEL_TCG,
+        .guest_sock = gsock,
+        .qmp_sock = qsock,
+        .console_log = con,
+        .net = true,
+        .egress = strcmp(sb->egress, "all") == 0,
+        .proxy_guest_port = allow ? AGENT_EGRESS_GUEST_PORT : 0,
+        .proxy_unix = allow ? esock : NULL,
+    };
+
+    snprintf(disk, sizeof(disk), "%s/disk.img", sb->dir);
+    snprintf(gsock, sizeof(gsock), "%s/guest.sock", sb->dir);
+    snprintf(qsock, sizeof(qsock), "%s/qmp.sock", sb->dir);
+    snprintf(con, sizeof(con), "%s/console.log", sb->dir);
+    snprintf(esock, sizeof(esock), "%s/egress.sock", sb->dir);
+    return agent_qemu_argv(&s, argv, err, errlen);
+}
+
 static void
 vm_start(struct sandbox *sb)
 {
@@ -542,7 +583,7 @@ vm_start(struct sandbox *sb)
             return;
         }
     }
-    rv = vm_argv(sb, &argv, err, sizeof(err));
+    rv = build_argv(sb, &argv, err, sizeof(err));
     if (rv != 0) {
         sb_fail(sb, "%s", err);
         return;
@@ -550,7 +591,7 @@ vm_start(struct sandbox *sb)
     logfd = open_log(sb);
     if (logfd < 0) {
         rv = -errno;
-        vm_argv_free(argv);
+        agent_argv_free(argv);
         sb_fail(sb, "cannot open the QEMU log: %s", strerror(-rv));
         return;
     }
@@ -575,7 +616,7 @@ vm_start(struct sandbox *sb)
     }
     rv = sb->proc ? uv_spawn(a->loop, sb->proc, &o) : UV_ENOMEM;
     close(logfd);
-    vm_argv_free(argv);
+    agent_argv_free(argv);
     if (rv != 0) {
         free(sb->proc);
         sb->proc = NULL;
@@ -1020,10 +1061,10 @@ port_send(struct port_op *op)
         op->host = free_loopback_port();
     if (op->open)
         snprintf(cmd, sizeof(cmd), "hostfwd_add %s tcp:127.0.0.1:%u-:%u",
-                 VM_NETDEV_ID, op->host, op->guest);
+                 NETDEV_ID, op->host, op->guest);
     else
         snprintf(cmd, sizeof(cmd), "hostfwd_remove %s tcp:127.0.0.1:%u",
-                 VM_NETDEV_ID, op->host);
+                 NETDEV_ID, op->host);
     if (op->sb->qmp == NULL ||
         agent_qmp_hmp(op->sb->qmp, cmd, on_hostfwd, op) != 0)
         on_hostfwd(op, -ENOTCONN, NULL, "QEMU control socket not connected");
