@@ -1081,7 +1081,12 @@ main(int argc, char **argv)
         int sub_argc = argc - optind;
         char **sub_argv = argv + optind;
 
-        optind = 1;
+        /*
+         * 0, not 1: glibc re-reads the option string only then. With 1 it
+         * keeps the first pass's "+" (stop at the first operand), and
+         * "logs NAME -f" silently lost its -f.
+         */
+        optind = 0;
         while ((c = getopt_long(sub_argc, sub_argv, "rpf", opts, NULL)) !=
                -1) {
             switch (c) {
