@@ -1,0 +1,52 @@
+/*
+ * What auth.c offers the other token files (tokens.c, ports.c) beyond
+ * sched.h: the current key set and minting on the leader. Owned by tokens.
+ */
+#ifndef SCHED_AUTH_H
+#define SCHED_AUTH_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "proto/jwt.h"
+#include "scheduler/sched.h"
+
+/* The cluster's token issuer ("iss"). */
+#define SCHED_AUTH_ISSUER "paddock"
+
+/* Longest ttl a minted token may ask for: one year. */
+#define SCHED_AUTH_TTL_MAX_S (366LL * 24 * 3600)
+
+/* ttl of the bootstrap admin token (it can be revoked like any other). */
+#define SCHED_AUTH_ADMIN_TTL_S (365LL * 24 * 3600)
+
+/*
+ * The key set built from the FSM's signing-keys table, rebuilt first if
+ * the table changed since the last call. NULL before the first key is
+ * committed. Valid until the next call (do not keep it across callbacks).
+ */
+struct pd_jwt_keyset *sched_auth_keyset(struct sched *s);
+
+/*
+ * Mints a token on the leader: signs it with the active key, then commits
+ * TOKEN_CREATE (a token the tokens table does not know is refused
+ * everywhere). cb gets status 0 with the token (malloc'd, the callee's:
+ * copy it) and its claims, or a negative errno with a message. Returns 0
+ * (cb will run) or a negative errno with the reason in err (cb will not).
+ */
+typedef void (*sched_mint_cb)(void *data, int status, const char *msg,
+                              const char *token,
+                              const struct pd_jwt_claims *claims);
+int sched_auth_mint(struct sched *s, const char *sub, enum pd_jwt_role role,
+                    const char *sandbox, int64_t ttl_s, sched_mint_cb cb,
+                    void *data, char *err, size_t errlen);
+
+/* Maps a principal's role to its name ("admin", "tenant", "node"). */
+const char *sched_role_name(enum sched_role role);
+
+/* Answers r with a JSON error for a negative errno from a proposal (503
+ * for a lost leadership, 409, 404, 400, 500) and the message. */
+void sched_auth_respond_errno(struct pd_http_req *r, int status,
+                              const char *msg);
+
+#endif
