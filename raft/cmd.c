@@ -120,17 +120,26 @@ fsm_cmd_free(struct fsm_cmd *cmd)
 /* ---- Encoding ---------------------------------------------------------- */
 
 /* A list of pairs as a msgpack array of [key, value] arrays: an array
- * rather than a map keeps the order the caller gave. */
+ * rather than a map keeps the order the caller gave. Sizes the decoder
+ * would refuse are refused here, so that the proposer gets the error
+ * rather than every member logging a malformed entry. */
 static int
 enc_kv(struct pd_enc *e, const char *key, const struct fsm_kv *kv, size_t n)
 {
     if (n > FSM_KV_MAX)
         return -E2BIG;
-    pd_enc_key(e, key);
-    msgpack_pack_array(&e->pk, n);
+    if (n > 0 && kv == NULL)
+        return -EINVAL;
     for (size_t i = 0; i < n; i++) {
         if (kv[i].key == NULL || kv[i].value == NULL)
             return -EINVAL;
+        if (strlen(kv[i].key) > FSM_KEY_MAX ||
+            strlen(kv[i].value) > FSM_VALUE_MAX)
+            return -ENAMETOOLONG;
+    }
+    pd_enc_key(e, key);
+    msgpack_pack_array(&e->pk, n);
+    for (size_t i = 0; i < n; i++) {
         msgpack_pack_array(&e->pk, 2);
         pd_enc_pack_str(e, kv[i].key);
         pd_enc_pack_str(e, kv[i].value);
@@ -215,6 +224,9 @@ enc_body(struct pd_enc *e, const struct fsm_cmd *c)
     case FSM_CMD_KEY_ADD:
         if (c->u.key.public_pem == NULL || c->u.key.private_pem == NULL)
             return -EINVAL;
+        if (strlen(c->u.key.public_pem) > FSM_PEM_MAX ||
+            strlen(c->u.key.private_pem) > FSM_PEM_MAX)
+            return -ENAMETOOLONG;
         pd_enc_str(e, "pub", c->u.key.public_pem);
         pd_enc_str(e, "priv", c->u.key.private_pem);
         /* fall through */

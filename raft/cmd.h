@@ -224,7 +224,9 @@ int fsm_cmd_init(struct fsm_cmd *cmd, int type);
 /*
  * Encodes cmd into a malloc'd entry whose length is a multiple of
  * FSM_CMD_ALIGN. Returns 0, -EINVAL (unknown type, NULL in a list),
- * -ENOMEM or -EMSGSIZE.
+ * -E2BIG (a list over FSM_KV_MAX), -ENAMETOOLONG (a list key, list value
+ * or PEM over its maximum: the decoder would refuse it), -ENOMEM or
+ * -EMSGSIZE.
  */
 int fsm_cmd_encode(const struct fsm_cmd *cmd, void **out, size_t *out_len);
 
