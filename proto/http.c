@@ -131,6 +131,11 @@ struct pd_http_req {
     void (*on_abort)(struct pd_http_req *r, void *arg);
     void (*on_drain)(struct pd_http_req *r, void *arg);
     void *data;
+
+    int status;         /* of the response, 0 until it starts */
+    bool injected;
+    void (*on_done)(void *arg, int status);
+    void *done_arg;
 };
 
 struct pd_http_raw {
@@ -185,6 +190,14 @@ struct conn {
     struct pd_http_req *orphan; /* cut loose, to be told at close */
     int reason;
     bool tls_shut;
+
+    /* Injected (pd_http_server_inject): no socket; output is collected
+     * here and handed to inj_done when the connection ends. */
+    bool injected;
+    char *resp;
+    size_t resp_len, resp_cap;
+    pd_http_inject_cb inj_done;
+    void *inj_arg;
 };
 
 struct pd_http_server {
@@ -371,6 +384,26 @@ on_write(uv_write_t *w, int status)
         rearm(c);
 }
 
+/* An injected connection's output: kept whole for its owner. */
+static int
+inject_out(struct conn *c, const void *data, size_t len)
+{
+    if (c->resp_len + len > c->resp_cap) {
+        size_t cap = (c->resp_len + len) * 2;
+        char *p = realloc(c->resp, cap);
+
+        if (p == NULL) {
+            conn_abort(c, -ENOMEM);
+            return -ENOTCONN;
+        }
+        c->resp = p;
+        c->resp_cap = cap;
+    }
+    memcpy(c->resp + c->resp_len, data, len);
+    c->resp_len += len;
+    return 0;
+}
+
 /* Queues bytes for the socket (ciphertext when TLS is on). */
 static int
 sock_write(struct conn *c, const void *data, size_t len)
@@ -383,6 +416,8 @@ sock_write(struct conn *c, const void *data, size_t len)
         return -ENOTCONN;
     if (len == 0)
         return 0;
+    if (c->injected)
+        return inject_out(c, data, len);
     x = malloc(sizeof(*x) + len);
     if (x == NULL)
         return -ENOMEM;
@@ -494,6 +529,9 @@ on_handle_closed(uv_handle_t *h)
     if (--c->handles > 0)
         return;
     notify(c);
+    if (c->injected && c->inj_done != NULL)
+        c->inj_done(c->inj_arg, c->reason, c->resp, c->resp_len);
+    free(c->resp);
     pd_tls_free(c->tls);
     free(c->in);
     free(c->raw);
@@ -543,7 +581,8 @@ conn_abort(struct conn *c, int reason)
         c->next->prev = c->prev;
     s->nconns--;
     detach(c, reason);
-    uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
+    if (!c->injected)
+        uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
     uv_close((uv_handle_t *)&c->timer, on_handle_closed);
     uv_close((uv_handle_t *)&c->kick, on_handle_closed);
 }
@@ -567,6 +606,11 @@ conn_end(struct conn *c)
 {
     if (c->closing || c->lingering)
         return;
+    if (c->injected) {
+        /* Nothing to flush or linger for: the output is in c->resp. */
+        conn_abort(c, 0);
+        return;
+    }
     c->close_after_flush = true;
     if (c->tls != NULL && !c->tls_shut) {
         c->tls_shut = true;
@@ -1168,6 +1212,7 @@ dispatch(struct conn *c)
     memcpy(r->peer_s, c->peer_s, sizeof(r->peer_s));
     memcpy(r->peer_ip, c->peer_ip, sizeof(r->peer_ip));
     r->tls = c->tls != NULL;
+    r->injected = c->injected;
     pd_debug("http", "%s: %s %s", c->peer_s, r->method,
              r->hb + r->target_off);
     c->srv->on_request(r, c->srv->arg);
@@ -1419,7 +1464,7 @@ update_reading(struct conn *c)
 {
     bool want;
 
-    if (c->closing)
+    if (c->closing || c->injected)
         return;
     if (c->raw != NULL)
         want = !c->raw->paused && !c->eof;
@@ -1639,6 +1684,65 @@ unsigned
 pd_http_server_conns(const struct pd_http_server *s)
 {
     return s->nconns;
+}
+
+int
+pd_http_server_inject(struct pd_http_server *s, const void *raw, size_t len,
+                      const char *peer, pd_http_inject_cb done, void *arg)
+{
+    struct conn *c;
+
+    if (s->closing)
+        return -ESHUTDOWN;
+    c = calloc(1, sizeof(*c));
+    if (c == NULL)
+        return -ENOMEM;
+    c->in = malloc(len > 0 ? len : 1);
+    if (c->in == NULL) {
+        free(c);
+        return -ENOMEM;
+    }
+    memcpy(c->in, raw, len);
+    c->in_len = c->in_cap = len;
+    c->srv = s;
+    c->injected = true;
+    c->inj_done = done;
+    c->inj_arg = arg;
+    uv_timer_init(s->loop, &c->timer);
+    uv_idle_init(s->loop, &c->kick);
+    c->timer.data = c->kick.data = c;
+    c->handles = 2;
+    s->nalloc++;
+    c->next = s->conns;
+    if (s->conns != NULL)
+        s->conns->prev = c;
+    s->conns = c;
+    s->nconns++;
+    pd_strlcpy(c->peer_s, peer != NULL ? peer : "injected",
+               sizeof(c->peer_s));
+    pd_strlcpy(c->peer_ip, "", sizeof(c->peer_ip));
+    http_parser_init(&c->parser, HTTP_REQUEST);
+    c->parser.data = c;
+    /* The whole request is here: the client has nothing more to send. */
+    c->eof = true;
+    c->pstate = P_HEAD;
+    c->deadline = pd_now_ms() + s->lim.header_timeout_ms;
+    kick(c);
+    return 0;
+}
+
+bool
+pd_http_req_injected(const struct pd_http_req *r)
+{
+    return r->injected;
+}
+
+void
+pd_http_on_done(struct pd_http_req *r, void (*cb)(void *arg, int status),
+                void *arg)
+{
+    r->on_done = cb;
+    r->done_arg = arg;
 }
 
 static void
@@ -1982,6 +2086,7 @@ pd_http_start(struct pd_http_req *r, int status, const char *ctype,
     if (r->started)
         return -EALREADY;
     r->started = true;
+    r->status = status;
     if (c == NULL)
         return -ENOTCONN;
     r->no_body = status == 204 || status == 304 || status < 200;
@@ -2335,6 +2440,8 @@ req_free(struct pd_http_req *r)
 
     if (r == NULL)
         return;
+    if (r->on_done != NULL)
+        r->on_done(r->done_arg, r->status);
     for (i = 0; i < r->nquery; i++) {
         free(r->query[i].name);
         free(r->query[i].value);

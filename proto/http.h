@@ -122,6 +122,23 @@ int pd_http_server_port(const struct pd_http_server *s);
 unsigned pd_http_server_conns(const struct pd_http_server *s);
 
 /*
+ * Injected requests (added for the scheduler's forwarding): runs one
+ * request that arrived some other way, e.g. a write a follower forwarded
+ * over its RPC link, through the server's on_request as if a client had
+ * sent it, with no socket. raw is the whole request in HTTP/1.1 wire form
+ * (head and body; send "Connection: close"). The response bytes the
+ * handler writes are collected and handed to done once the request is
+ * finished (err 0), or with what was written so far when the server
+ * closes first (err < 0). peer names the origin in logs. Returns 0 (done
+ * will run, never from inside this call) or -ESHUTDOWN / -ENOMEM.
+ */
+typedef void (*pd_http_inject_cb)(void *arg, int err, const char *resp,
+                                  size_t len);
+int pd_http_server_inject(struct pd_http_server *s, const void *raw,
+                          size_t len, const char *peer,
+                          pd_http_inject_cb done, void *arg);
+
+/*
  * Stops listening and closes every connection (unfinished requests see
  * their abort), then calls on_closed once every handle is closed; the
  * server is freed after it. on_closed may be NULL.
@@ -172,6 +189,17 @@ bool pd_http_req_tls(const struct pd_http_req *r);
 
 /* False once the client went away. */
 bool pd_http_req_connected(const struct pd_http_req *r);
+
+/* True for a request from pd_http_server_inject. */
+bool pd_http_req_injected(const struct pd_http_req *r);
+
+/*
+ * cb runs once when the request is freed, finished or not (metrics: the
+ * status of the response, 0 when none was started). It must not call
+ * back into the request.
+ */
+void pd_http_on_done(struct pd_http_req *r, void (*cb)(void *arg, int status),
+                     void *arg);
 
 void pd_http_req_set_data(struct pd_http_req *r, void *data);
 void *pd_http_req_data(const struct pd_http_req *r);
