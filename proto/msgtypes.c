@@ -49,6 +49,7 @@ static const struct {
     {PD_MSG_NODE_REDIRECT, "NODE_REDIRECT"},
     {PD_MSG_SANDBOX_STATE, "SANDBOX_STATE"},
     {PD_MSG_FORWARD, "FORWARD"},
+    {PD_MSG_SANDBOX_ENSURE, "SANDBOX_ENSURE"},
 };
 
 const char *

@@ -115,6 +115,10 @@ enum pd_msg_type {
     PD_MSG_FORWARD = 400, /* {method, path, headers, body} -> OK {status,
                              headers, body} : a write forwarded to the
                              leader */
+    PD_MSG_SANDBOX_ENSURE = 401, /* {sandbox} -> OK {replaced: bool, node,
+                                    generation} once it runs: a follower
+                                    asks the leader to place a lost
+                                    sandbox again (scheduler/lifecycle.c) */
 
     PD_MSG_TYPE_MAX = 499,
 };

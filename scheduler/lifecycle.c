@@ -33,3 +33,42 @@ void sched_sandbox_ensure(struct sched *s, const char *id,
     PD_UNUSED(id);
     cb(data, -ENOSYS, "not yet", NULL, false);
 }
+
+int
+sched_lifecycle_init(struct sched *s, char *err, size_t errlen)
+{
+    PD_UNUSED(s);
+    PD_UNUSED(err);
+    PD_UNUSED(errlen);
+    return 0;
+}
+
+void
+sched_lifecycle_close(struct sched *s)
+{
+    PD_UNUSED(s);
+}
+
+void
+sched_lifecycle_serve(struct sched *s, struct pd_conn *c,
+                      const struct pd_msg *m)
+{
+    PD_UNUSED(s);
+    PD_UNUSED(c);
+    PD_UNUSED(m);
+}
+
+void
+sched_lifecycle_conn_closed(struct sched *s, struct pd_conn *c)
+{
+    PD_UNUSED(s);
+    PD_UNUSED(c);
+}
+
+bool
+sched_lifecycle_busy(struct sched *s, const char *id)
+{
+    PD_UNUSED(s);
+    PD_UNUSED(id);
+    return false;
+}

@@ -30,3 +30,11 @@ void sched_nodes_broadcast(struct sched *s, struct pd_enc *e)
     PD_UNUSED(s);
     PD_UNUSED(e);
 }
+
+bool
+sched_nodes_alive(struct sched *s, const char *node)
+{
+    PD_UNUSED(s);
+    PD_UNUSED(node);
+    return false;
+}

@@ -56,6 +56,7 @@ struct sched_auth;
 struct sched_forward;
 struct sched_metrics;
 struct sched_preview;
+struct sched_lifecycle;
 
 struct sched_cfg {
     char *data_dir;          /* Raft log, certs copy, admin.token */
@@ -101,6 +102,7 @@ struct sched {
     struct sched_forward *fwd;
     struct sched_metrics *metrics;
     struct sched_preview *preview;
+    struct sched_lifecycle *lifecycle; /* added by nodes: lifecycle.c */
 
     bool stopping;
 };
@@ -216,6 +218,11 @@ void sched_nodes_on_state(struct sched *s, bool leader);
 /* Sends a frame to every connected agent session (revocation push). */
 struct pd_enc;
 void sched_nodes_broadcast(struct sched *s, struct pd_enc *e);
+/*
+ * Added by nodes. True when the node has a registered session with this
+ * member (the leader) and was heard from within the grace period.
+ */
+bool sched_nodes_alive(struct sched *s, const char *node);
 
 /* ---- Sandbox life cycle, leader side (lifecycle.c) --------------------- */
 
@@ -234,7 +241,29 @@ struct sched_create_req {
 typedef void (*sched_sandbox_cb)(void *data, int code, const char *message,
                                  const struct fsm_sandbox *sb);
 
-/* Leader only: place, commit, assign to the agent, optionally wait. */
+/*
+ * Leader only: place, commit, assign to the agent, optionally wait.
+ *
+ * (Added by nodes, the contract of create and destroy.) They return 0
+ * when cb will run (once, possibly before they return), or
+ * RAFTNODE_ENOTLEADER / -ENOMEM, and then cb never runs. Codes given to
+ * cb, with the HTTP answer they call for:
+ *   0            sb is the row: created (or existing, same id and spec),
+ *                running if waited for; a sandbox the agent failed to
+ *                start is code 0 with sb->state failed and sb->reason
+ *                (the CLI prints the reason); a wait that outlives
+ *                wait_ms answers with the current state (starting).
+ *   -EINVAL      400 invalid_argument (bad id, zero resources, egress).
+ *   -EEXIST      409 conflict (the id exists with another spec or tenant).
+ *   -ENOSPC      503 no_capacity: nothing fits; message says why per
+ *                resource. 503 rather than 409: the request is valid and
+ *                the same request can succeed once capacity frees up (a
+ *                drain ends, a node joins), unlike a conflict.
+ *   -EAGAIN      503 unavailable: leadership changed mid-create (outcome
+ *                unknown); retrying the same create is safe (idempotent).
+ *   -ENOENT      404 not_found (destroy of an unknown sandbox).
+ *   other        500 internal.
+ */
 int sched_sandbox_create(struct sched *s, const struct sched_create_req *req,
                          sched_sandbox_cb cb, void *data);
 /* Leader only: stop on the agent, unexpose ports, delete the row. */
@@ -250,6 +279,30 @@ typedef void (*sched_ensure_cb)(void *data, int code, const char *message,
                                 const struct fsm_sandbox *sb, bool replaced);
 void sched_sandbox_ensure(struct sched *s, const char *id,
                           sched_ensure_cb cb, void *data);
+/*
+ * Added by nodes: ensure's codes (cb may run before ensure returns):
+ * 0 (sb running), -ENOENT (404), -ENOSPC (503 no_capacity, re-placement
+ * fits nowhere), -EAGAIN / -ETIMEDOUT (503 unavailable: no leader, or
+ * not running within SCHED_ENSURE_WAIT_MS), -ENOTCONN (409 conflict:
+ * stopping or stopped), -EIO (409 conflict: failed, sb->reason says why).
+ */
+#define SCHED_ENSURE_WAIT_MS 120000
+
+/*
+ * Added by nodes: between nodes.c and lifecycle.c. sched_nodes_init calls
+ * sched_lifecycle_init, sched_nodes_close sched_lifecycle_close. A
+ * follower's ensure asks the leader with PD_MSG_SANDBOX_ENSURE over the
+ * RPC link; nodes.c hands such frames (and the close of their
+ * connection) to lifecycle.c.
+ */
+int sched_lifecycle_init(struct sched *s, char *err, size_t errlen);
+void sched_lifecycle_close(struct sched *s);
+void sched_lifecycle_serve(struct sched *s, struct pd_conn *c,
+                           const struct pd_msg *m);
+void sched_lifecycle_conn_closed(struct sched *s, struct pd_conn *c);
+/* True while a create, destroy or re-placement of the sandbox runs here:
+ * reconciliation with an agent's list leaves such a sandbox alone. */
+bool sched_lifecycle_busy(struct sched *s, const char *id);
 
 /* ---- Agent RPC client (agentc.c) --------------------------------------- */
 
