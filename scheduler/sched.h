@@ -316,9 +316,16 @@ struct sched_areq_cb {
                      void *data);
     /* The final frame: OK, EXIT (m set, status 0), or ERROR (status
      * the errno it carried, m set), or a broken link (status < 0, m
-     * NULL). The request is freed after this returns. */
+     * NULL). The request is freed after this returns.
+     * (agentc.c: ERROR gives the negated errno, -ENOENT; a FILE_READ
+     * ends at the agent's DATA {eof}, which on_frame sees first; a
+     * TUNNEL_OPEN ends once DATA {eof} went both ways.) */
     void (*on_end)(struct sched_areq *q, int status, const struct pd_msg *m,
                    void *data);
+    /* Optional, added by agentc.c: more send credit arrived (the agent's
+     * WINDOW) or the connection's queue drained below its low water
+     * mark; an uploader sends more (see sched_areq_credit). */
+    void (*on_writable)(struct sched_areq *q, void *data);
 };
 
 int sched_agentc_init(struct sched *s, char *err, size_t errlen);
@@ -343,6 +350,11 @@ void sched_areq_grant(struct sched_areq *q, size_t bytes);
 uint64_t sched_areq_id(const struct sched_areq *q);
 /* Bytes queued on the request's connection (upload backpressure). */
 size_t sched_areq_queued(const struct sched_areq *q);
+/* Added by agentc.c: DATA/STDIN payload bytes the agent accepts now
+ * (PD_STREAM_WINDOW at first, spent by sched_areq_send, restored by the
+ * agent's WINDOW grants). An uploader sends while this is above zero
+ * and sched_areq_queued is below PD_CONN_HIGH_WATER. */
+uint64_t sched_areq_credit(const struct sched_areq *q);
 
 /* ---- Metrics (metrics.c) ----------------------------------------------- */
 
