@@ -825,6 +825,12 @@ sched_auth_init(struct sched *s, char *err, size_t errlen)
         return rc;
     }
     s->auth = a;
+    rc = sched_tokens_init(s);
+    if (rc != 0) {
+        snprintf(err, errlen, "cannot start the token gc timer");
+        sched_auth_close(s);
+        return rc;
+    }
     return 0;
 }
 
@@ -842,6 +848,7 @@ sched_auth_close(struct sched *s)
     if (a == NULL)
         return;
     s->auth = NULL;
+    sched_tokens_close(s);
     if (a->boot != NULL)
         a->boot = NULL; /* freed by its pending callback */
     watch_stop(a);

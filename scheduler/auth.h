@@ -49,4 +49,9 @@ const char *sched_role_name(enum sched_role role);
 void sched_auth_respond_errno(struct pd_http_req *r, int status,
                               const char *msg);
 
+/* tokens.c's periodic TOKEN_GC on the leader (auth init/close call
+ * them). PADDOCK_TOKEN_GC_MS overrides the period (tests). */
+int sched_tokens_init(struct sched *s);
+void sched_tokens_close(struct sched *s);
+
 #endif
