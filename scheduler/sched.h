@@ -202,7 +202,11 @@ void sched_forward_conn_closed(struct sched *s, struct pd_conn *c);
 
 /* Creates and starts the raftnode (bootstrap list or join mode). */
 int sched_cluster_init(struct sched *s, char *err, size_t errlen);
-/* Hands leadership over when leading, closes Raft, then calls done. */
+/* Hands leadership over when leading (bounded by the election timeout),
+ * then calls done. */
+void sched_cluster_handover(struct sched *s, void (*done)(void *data),
+                            void *data);
+/* Closes Raft; done runs once it is released (s->raft is NULL then). */
 void sched_cluster_close(struct sched *s, void (*done)(void *data),
                          void *data);
 /* GET /v1/cluster, POST/DELETE /v1/cluster/members (api.c mounts them). */
