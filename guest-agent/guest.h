@@ -192,9 +192,13 @@ int path_field(const struct pd_msg *m, const char *key, char *out,
 
 /* ---- ring.c: bounded log of a process's output ------------------------ */
 
+/* Smallest chunk allocated; later small writes of one stream fill it. */
+#define RING_CHUNK_MIN (8u << 10)
+
 struct ring_chunk {
     uint64_t seq;  /* offset of the first byte in the whole output */
     uint32_t len;
+    uint32_t room;  /* bytes allocated in data */
     uint8_t stream; /* 1 stdout, 2 stderr */
     struct ring_chunk *next;
     unsigned char data[];
@@ -202,14 +206,17 @@ struct ring_chunk {
 
 struct ring {
     struct ring_chunk *head, *tail;
-    size_t bytes;
+    size_t bytes;   /* room of the chunks held, at most cap */
     size_t cap;
     uint64_t end; /* seq after the last byte ever appended */
 };
 
 void ring_init(struct ring *r, size_t cap);
 void ring_free(struct ring *r);
-/* Appends; drops the oldest chunks beyond cap. Returns 0 or -ENOMEM. */
+/*
+ * Appends; drops the oldest chunks beyond cap (the newest chunk always
+ * stays). Returns 0 or -ENOMEM.
+ */
 int ring_append(struct ring *r, int stream, const void *data, size_t len);
 /*
  * Finds the bytes at or after seq: sets *stream, *data and *len to the

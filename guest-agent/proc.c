@@ -5,7 +5,9 @@
  *
  * Output is always read (into the ring), so a process never blocks on a
  * slow or absent reader; a follower reads the ring at its own pace and
- * skips ahead when it fell behind what the ring still holds.
+ * skips ahead when it fell behind what the ring still holds. The OK that
+ * ends PROC_LOGS carries, beside the process map, "skipped": the bytes
+ * this reader never saw because the ring had dropped them.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -407,6 +409,7 @@ struct glogs {
     struct greq req;
     struct gproc *p;
     uint64_t seq;
+    uint64_t skipped; /* bytes the ring dropped before this reader got them */
     bool follow;
     struct gwatch task;
 };
@@ -438,27 +441,57 @@ logs_free(struct glogs *l)
     free(l);
 }
 
+/*
+ * Gathers the next run of one stream, contiguous in the output, into buf:
+ * up to max bytes from l->seq on, across chunks. Returns its length and
+ * sets *stream; bytes the ring dropped before l->seq caught up are counted
+ * in l->skipped.
+ */
+static size_t
+logs_gather(struct glogs *l, unsigned char *buf, size_t max, int *stream)
+{
+    const unsigned char *data;
+    uint64_t at, seq = l->seq;
+    size_t n = 0, len;
+    int s;
+
+    while (n < max) {
+        at = ring_read(&l->p->log, seq, &s, &data, &len);
+        if (len == 0 || (n > 0 && (s != *stream || at != seq)))
+            break;
+        if (n == 0) {
+            l->skipped += at - seq;
+            l->seq = at;
+            *stream = s;
+        }
+        if (len > max - n)
+            len = max - n;
+        memcpy(buf + n, data, len);
+        n += len;
+        seq = at + len;
+    }
+    return n;
+}
+
 static void
 logs_ready(struct gwatch *w, short rev)
 {
+    static unsigned char buf[GUEST_CHUNK];
     struct glogs *l = w->obj;
-    const unsigned char *data;
     struct pd_enc e;
-    size_t len;
-    int stream;
+    size_t max = sizeof(buf), len;
+    int stream = 1;
 
     (void)rev;
     if (logs_have(l)) {
-        l->seq = ring_read(&l->p->log, l->seq, &stream, &data, &len);
-        if (len > GUEST_CHUNK)
-            len = GUEST_CHUNK;
-        if (len > l->req.credit)
-            len = (size_t)l->req.credit;
+        if (max > l->req.credit)
+            max = (size_t)l->req.credit;
+        len = logs_gather(l, buf, max, &stream);
         if (len == 0)
             return;
         pd_enc_begin(&e, stream == 2 ? PD_MSG_STDERR : PD_MSG_STDOUT,
                      l->req.id);
-        pd_enc_bin(&e, "data", data, len);
+        pd_enc_bin(&e, "data", buf, len);
         chan_send(&e);
         l->seq += len;
         l->req.credit -= len;
@@ -467,6 +500,7 @@ logs_ready(struct gwatch *w, short rev)
     pd_enc_begin(&e, PD_MSG_OK, l->req.id);
     pd_enc_key(&e, "proc");
     pack_proc(&e, l->p);
+    pd_enc_u64(&e, "skipped", l->skipped);
     chan_send(&e);
     greq_remove(&l->req);
     logs_free(l);

@@ -3,6 +3,12 @@
  * cap. Each chunk remembers its position (seq) in the whole output, so a
  * follower that fell behind the oldest kept chunk skips ahead instead of
  * blocking the process, and one that is caught up waits for new chunks.
+ *
+ * A program that writes line by line makes many small reads; they share
+ * chunks of at least RING_CHUNK_MIN bytes (same stream only), so the list
+ * stays short and a follower sends few, large frames. The cap counts the
+ * chunks' allocated room, not just the bytes in them, so even alternating
+ * one-byte writes to stdout and stderr cannot grow memory past it.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -30,10 +36,20 @@ ring_free(struct ring *r)
     r->bytes = 0;
 }
 
+/* Room for a new chunk of len bytes: small writes share chunks. */
+static size_t
+chunk_room(size_t len, size_t cap)
+{
+    size_t room = len < RING_CHUNK_MIN ? RING_CHUNK_MIN : len;
+
+    return room > cap ? cap : room;
+}
+
 int
 ring_append(struct ring *r, int stream, const void *data, size_t len)
 {
-    struct ring_chunk *c;
+    struct ring_chunk *c = r->tail;
+    size_t room;
 
     if (len == 0)
         return 0;
@@ -43,11 +59,26 @@ ring_append(struct ring *r, int stream, const void *data, size_t len)
         data = (const unsigned char *)data + (len - r->cap);
         len = r->cap;
     }
-    c = malloc(sizeof(*c) + len);
+    /* Into the tail chunk first, as far as it is the same stream and has
+     * room; the rest opens a new chunk. */
+    if (c != NULL && c->stream == stream && c->len < c->room) {
+        size_t take = c->room - c->len < len ? c->room - c->len : len;
+
+        memcpy(c->data + c->len, data, take);
+        c->len += (uint32_t)take;
+        r->end += take;
+        data = (const unsigned char *)data + take;
+        len -= take;
+        if (len == 0)
+            return 0;
+    }
+    room = chunk_room(len, r->cap);
+    c = malloc(sizeof(*c) + room);
     if (c == NULL)
         return -ENOMEM;
     c->seq = r->end;
     c->len = (uint32_t)len;
+    c->room = (uint32_t)room;
     c->stream = (uint8_t)stream;
     c->next = NULL;
     memcpy(c->data, data, len);
@@ -56,14 +87,14 @@ ring_append(struct ring *r, int stream, const void *data, size_t len)
     else
         r->head = c;
     r->tail = c;
-    r->bytes += len;
+    r->bytes += room;
     r->end += len;
 
     while (r->bytes > r->cap && r->head != c) {
         struct ring_chunk *old = r->head;
 
         r->head = old->next;
-        r->bytes -= old->len;
+        r->bytes -= old->room;
         free(old);
     }
     return 0;

@@ -20,7 +20,7 @@
  *   start [--name N] -- ARGV...   ps   proc NAME   logs NAME [-f]
  *   kill NAME [--signal N] [--kill-after-ms N]   wait-port PORT [--timeout-ms N]
  *   tunnel GUEST_PORT --listen HOST_PORT   (forwards until killed)
- *   info   shutdown   bad KIND   (garbage|huge|unknown|types|nohello)
+ *   info   shutdown   bad KIND   (see bad_kinds below)
  *
  * exec prints {"exit_code",...,"stdout","stderr"} (collected) or, with
  * --stream, one JSON event per line with t_ms since the request.
@@ -483,19 +483,50 @@ do_logs(void)
 
 /* ---- multi: many requests at once beside a stalled stream ----------------- */
 
+/*
+ * A streamed `yes` whose credit is never granted back uses up its window;
+ * then n short execs run on the same connection beside the stalled stream.
+ * Once all of them are answered, the stalled stream gets MULTI_RESUME bytes
+ * of credit and must deliver them: it was paused by flow control, not
+ * broken. stalled_bytes is what it sent before that (at most the window).
+ */
+#define MULTI_RESUME (1u << 20)
+
 static int multi_left;
 static uint64_t multi_max_ms;
+static uint64_t multi_stalled;
+static bool multi_resuming, multi_launched;
 static struct guestc_req *flood;
+
+static void multi_launch(void);
+
+static void
+multi_print(void)
+{
+    printf("{\"done\":%d,\"max_ms\":%llu,\"stalled_bytes\":%llu,"
+           "\"resumed_bytes\":%llu}\n", atoi(o.args[0]),
+           (unsigned long long)multi_max_ms,
+           (unsigned long long)multi_stalled,
+           (unsigned long long)(xfer_bytes - multi_stalled));
+    fflush(stdout);
+    done(exit_code == 3 ? 1 : 0);
+}
 
 static void
 flood_data(struct guestc_req *r, enum guestc_stream s, const void *d,
            size_t n, bool eof)
 {
-    (void)r;
     (void)s;
     (void)d;
     (void)eof;
-    xfer_bytes += n; /* never granted back: the guest must stall it alone */
+    xfer_bytes += n; /* not granted back: the guest must stall it alone */
+    if (!multi_launched && xfer_bytes >= PD_STREAM_WINDOW)
+        multi_launch();
+    if (multi_resuming && xfer_bytes - multi_stalled >= MULTI_RESUME) {
+        guestc_req_cancel(r);
+        flood = NULL;
+        multi_print();
+    }
 }
 
 static void
@@ -504,6 +535,8 @@ flood_end(struct guestc_req *r, const struct pd_msg *m)
     (void)r;
     (void)m;
     flood = NULL;
+    if (!multi_launched)
+        multi_launch();
 }
 
 static void
@@ -513,6 +546,8 @@ flood_err(struct guestc_req *r, int errnum, const char *msg)
     (void)errnum;
     (void)msg;
     flood = NULL;
+    if (!multi_launched)
+        multi_launch();
 }
 
 static void
@@ -529,13 +564,31 @@ multi_reply(struct guestc_req *r, const struct pd_msg *m)
         multi_max_ms = ms;
     if (--multi_left > 0)
         return;
-    if (flood != NULL)
-        guestc_req_cancel(flood);
-    printf("{\"done\":%d,\"max_ms\":%llu,\"stalled_bytes\":%llu}\n",
-           atoi(o.args[0]), (unsigned long long)multi_max_ms,
-           (unsigned long long)xfer_bytes);
-    fflush(stdout);
-    done(exit_code == 3 ? 1 : 0);
+    multi_stalled = xfer_bytes;
+    if (flood == NULL) {
+        multi_print();
+        return;
+    }
+    multi_resuming = true;
+    guestc_req_grant(flood, MULTI_RESUME);
+}
+
+static void
+multi_launch(void)
+{
+    static const struct guestc_req_cb cb = {
+        .on_reply = multi_reply,
+        .on_error = on_error,
+    };
+    int n = atoi(o.args[0]);
+
+    multi_launched = true;
+    multi_left = n;
+    for (int i = 0; i < n; i++) {
+        struct guestc_exec x = {.command = "echo $$"};
+
+        guestc_exec(gc, &x, &cb, NULL);
+    }
 }
 
 static void
@@ -546,23 +599,14 @@ do_multi(void)
         .on_reply = flood_end,
         .on_error = flood_err,
     };
-    static const struct guestc_req_cb cb = {
-        .on_reply = multi_reply,
-        .on_error = on_error,
-    };
     static const char *const yes[] = {"yes", NULL};
     struct guestc_exec fx = {.argv = yes, .stream = true};
-    int n = atoi(o.args[0]);
 
     flood = guestc_exec(gc, &fx, &fcb, NULL);
     if (flood != NULL)
         guestc_req_manual_window(flood);
-    multi_left = n;
-    for (int i = 0; i < n; i++) {
-        struct guestc_exec x = {.command = "echo $$"};
-
-        guestc_exec(gc, &x, &cb, NULL);
-    }
+    else
+        multi_launch();
 }
 
 /* ---- tunnel: a local listener whose connections go to a guest port ------- */
@@ -761,74 +805,140 @@ do_tunnel(void)
 
 /* ---- bad input: raw bytes over a plain socket ---------------------------- */
 
+/*
+ * Each kind sends one piece of bad input on a raw connection and prints
+ * every frame that comes back within 3 s. Around the bad input the same
+ * connection carries good requests, to show the agent keeps serving them:
+ * EXEC id 1 ("sleep 0.3; echo alive", in flight while the bad bytes
+ * arrive) before it and INFO id 2 after it. "nohello" and "version" send
+ * no good requests (the session never starts).
+ */
+static const char *const bad_kinds[] = {
+    "garbage", "huge", "unknown", "badtype", "types", "nulpath", "dotdot",
+    "noid", "dupid", "version", "nohello", NULL};
+
+static void
+raw_send(int fd, struct pd_enc *e)
+{
+    void *frame;
+    size_t flen;
+
+    if (pd_enc_finish(e, &frame, &flen) != 0)
+        return;
+    (void)!write(fd, frame, flen);
+    free(frame);
+}
+
+static void
+raw_hello(int fd, uint64_t version)
+{
+    struct pd_enc e;
+
+    pd_enc_begin(&e, PD_MSG_HELLO, 0);
+    pd_enc_u64(&e, "v", version);
+    pd_enc_str(&e, "role", "agent");
+    pd_enc_str(&e, "name", "bad");
+    raw_send(fd, &e);
+}
+
+static void
+raw_exec(int fd, uint64_t id, const char *command)
+{
+    struct pd_enc e;
+
+    pd_enc_begin(&e, PD_MSG_EXEC, id);
+    pd_enc_str(&e, "command", command);
+    raw_send(fd, &e);
+}
+
+/* Writes the bad input of kind; returns false for an unknown kind. */
+static bool
+raw_bad(int fd, const char *kind)
+{
+    /* A sane length, then bytes that are no msgpack map. */
+    static const unsigned char garbage[] = {0, 0, 0, 8, 0xc1, 0xc1, 0xc1,
+                                            0xc1, 0xc1, 0xc1, 0xc1, 0xc1};
+    struct pd_enc e;
+
+    if (strcmp(kind, "garbage") == 0) {
+        (void)!write(fd, garbage, sizeof(garbage));
+    } else if (strcmp(kind, "huge") == 0) {
+        /* "GET " read as a length is over the frame cap. */
+        (void)!write(fd, "GET / HTTP/1.1\r\n\r\n", 18);
+    } else if (strcmp(kind, "unknown") == 0) {
+        /* A node agent request: known to the codec, not a guest one. */
+        pd_enc_begin(&e, PD_MSG_SANDBOX_LIST, 7);
+        raw_send(fd, &e);
+    } else if (strcmp(kind, "badtype") == 0) {
+        /* In the guest range but unassigned: the decoder refuses it. */
+        pd_enc_begin(&e, 180, 7);
+        raw_send(fd, &e);
+    } else if (strcmp(kind, "types") == 0) {
+        pd_enc_begin(&e, PD_MSG_EXEC, 9);
+        pd_enc_u64(&e, "argv", 42);
+        raw_send(fd, &e);
+    } else if (strcmp(kind, "nulpath") == 0) {
+        pd_enc_begin(&e, PD_MSG_FILE_STAT, 5);
+        pd_enc_strn(&e, "path", "/etc\0/passwd", 12);
+        raw_send(fd, &e);
+    } else if (strcmp(kind, "dotdot") == 0) {
+        pd_enc_begin(&e, PD_MSG_FILE_READ, 5);
+        pd_enc_str(&e, "path", "a/b/../../../etc/passwd");
+        raw_send(fd, &e);
+    } else if (strcmp(kind, "noid") == 0) {
+        pd_enc_begin(&e, PD_MSG_INFO, 0);
+        raw_send(fd, &e);
+    } else if (strcmp(kind, "dupid") == 0) {
+        raw_exec(fd, 1, "echo twin");
+    } else {
+        return false;
+    }
+    return true;
+}
+
 static int
 bad_input(const char *sock, const char *kind)
 {
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    bool session = strcmp(kind, "nohello") != 0 &&
+                   strcmp(kind, "version") != 0;
     unsigned char buf[65536];
     struct pd_decoder dec;
     const struct pd_msg *m;
     struct pd_enc e;
-    void *frame;
-    size_t flen;
     uint64_t end;
-    int fd;
+    int fd, k;
 
+    for (k = 0; bad_kinds[k] != NULL; k++)
+        if (strcmp(bad_kinds[k], kind) == 0)
+            break;
+    if (bad_kinds[k] == NULL) {
+        fprintf(stderr, "pd-guest: bad kinds:");
+        for (k = 0; bad_kinds[k] != NULL; k++)
+            fprintf(stderr, " %s", bad_kinds[k]);
+        fprintf(stderr, "\n");
+        return 2;
+    }
     pd_strlcpy(sa.sun_path, sock, sizeof(sa.sun_path));
     fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0) {
         perror("pd-guest: connect");
         return 1;
     }
-    if (strcmp(kind, "nohello") != 0) {
-        pd_enc_begin(&e, PD_MSG_HELLO, 0);
-        pd_enc_u64(&e, "v", PD_PROTO_VERSION);
-        pd_enc_str(&e, "role", "agent");
-        pd_enc_str(&e, "name", "bad");
-        pd_enc_finish(&e, &frame, &flen);
-        (void)!write(fd, frame, flen);
-        free(frame);
-    }
-    if (strcmp(kind, "garbage") == 0) {
-        /* A sane length, then bytes that are no msgpack map. */
-        static const unsigned char g[] = {0, 0, 0, 8, 0xc1, 0xc1, 0xc1, 0xc1,
-                                          0xc1, 0xc1, 0xc1, 0xc1};
-        (void)!write(fd, g, sizeof(g));
-    } else if (strcmp(kind, "huge") == 0) {
-        (void)!write(fd, "GET / HTTP/1.1\r\n\r\n", 18);
-    } else if (strcmp(kind, "unknown") == 0) {
-        /* Type 180 is in the guest range but unassigned; 200 is a node
-         * agent request the guest does not serve. */
-        pd_enc_begin(&e, PD_MSG_SANDBOX_LIST, 7);
-        pd_enc_finish(&e, &frame, &flen);
-        (void)!write(fd, frame, flen);
-        free(frame);
-    } else if (strcmp(kind, "types") == 0) {
-        pd_enc_begin(&e, PD_MSG_EXEC, 9);
-        pd_enc_u64(&e, "argv", 42);
-        pd_enc_finish(&e, &frame, &flen);
-        (void)!write(fd, frame, flen);
-        free(frame);
-    } else if (strcmp(kind, "nulpath") == 0) {
-        pd_enc_begin(&e, PD_MSG_FILE_STAT, 5);
-        pd_enc_strn(&e, "path", "/etc\0/passwd", 12);
-        pd_enc_finish(&e, &frame, &flen);
-        (void)!write(fd, frame, flen);
-        free(frame);
-    } else if (strcmp(kind, "nohello") == 0) {
+    if (strcmp(kind, "version") == 0) {
+        raw_hello(fd, PD_PROTO_VERSION + 98);
+    } else if (!session) {
         pd_enc_begin(&e, PD_MSG_INFO, 3);
-        pd_enc_finish(&e, &frame, &flen);
-        (void)!write(fd, frame, flen);
-        free(frame);
+        raw_send(fd, &e);
     } else {
-        fprintf(stderr, "pd-guest: bad kinds: garbage huge unknown types "
-                "nulpath nohello\n");
-        close(fd);
-        return 2;
+        raw_hello(fd, PD_PROTO_VERSION);
+        raw_exec(fd, 1, "sleep 0.3; echo alive");
+        raw_bad(fd, kind);
+        pd_enc_begin(&e, PD_MSG_INFO, 2);
+        raw_send(fd, &e);
     }
-    /* Print every frame that comes back within 2 s. */
     pd_decoder_init(&dec, PD_FRAME_MAX);
-    end = pd_now_ms() + 2000;
+    end = pd_now_ms() + 3000;
     while (pd_now_ms() < end) {
         struct timeval tv = {0, 100000};
         ssize_t n;
