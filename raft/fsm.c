@@ -460,6 +460,20 @@ id_ok(const char *id, const char *what, struct fsm_result *res)
     return false;
 }
 
+/*
+ * Sizes are stored in sqlite's signed 64-bit integers and summed into a
+ * node's allocation: bounding each (2^40 MB is a zettabyte-scale node, far
+ * beyond any real one) keeps every sum exact and non-negative.
+ */
+#define FSM_SIZE_MAX (1ull << 40)
+
+static bool
+size_ok(uint32_t cpus, uint64_t memory_mb, uint64_t disk_mb)
+{
+    return cpus <= (1u << 20) && memory_mb <= FSM_SIZE_MAX &&
+           disk_mb <= FSM_SIZE_MAX;
+}
+
 static bool
 counts(int state)
 {
@@ -692,6 +706,10 @@ do_node_register(struct fsm *f, const struct fsm_cmd *c,
              "memory and disk capacity are required", n->node);
         return 0;
     }
+    if (!size_ok(n->cpus, n->memory_mb, n->disk_mb)) {
+        fail(res, -EINVAL, "node %s: capacity out of range", n->node);
+        return 0;
+    }
     st = fsm_stmt(f, ST_NODE_UPSERT);
     if (st == NULL)
         return -EIO;
@@ -801,21 +819,25 @@ check_fit(struct fsm *f, const char *node, uint32_t cpus, uint64_t memory_mb,
     draining = sqlite3_column_int(st, 8);
     sqlite3_reset(st);
 
+    /* Free is computed as cap - alloc (never alloc + need, which a huge
+     * need in a hostile entry could wrap past the capacity). */
+    for (int i = 0; i < 3; i++)
+        alloc[i] = alloc[i] < cap[i] ? cap[i] - alloc[i] : 0;
     if (state != FSM_NODE_READY)
         fail(res, -ESTALE, "node %s is down", node);
     else if (draining)
         fail(res, -ESTALE, "node %s is draining", node);
-    else if (alloc[0] + cpus > cap[0])
+    else if (cpus > alloc[0])
         fail(res, -ENOSPC, "node %s lacks CPU: need %u, free %llu", node,
-             cpus, (unsigned long long)(cap[0] - alloc[0]));
-    else if (alloc[1] + memory_mb > cap[1])
+             cpus, (unsigned long long)alloc[0]);
+    else if (memory_mb > alloc[1])
         fail(res, -ENOSPC, "node %s lacks memory: need %llu MB, free %llu MB",
              node, (unsigned long long)memory_mb,
-             (unsigned long long)(cap[1] - alloc[1]));
-    else if (alloc[2] + disk_mb > cap[2])
+             (unsigned long long)alloc[1]);
+    else if (disk_mb > alloc[2])
         fail(res, -ENOSPC, "node %s lacks disk: need %llu MB, free %llu MB",
              node, (unsigned long long)disk_mb,
-             (unsigned long long)(cap[2] - alloc[2]));
+             (unsigned long long)alloc[2]);
     return 0;
 }
 
@@ -832,6 +854,11 @@ place_valid(const struct fsm_cmd_place *p, struct fsm_result *res)
     if (s->cpus == 0 || s->memory_mb == 0 || s->disk_mb == 0) {
         fail(res, -EINVAL, "sandbox %s: cpus, memory_mb and disk_mb must be "
              "positive", p->sandbox);
+        return false;
+    }
+    if (!size_ok(s->cpus, s->memory_mb, s->disk_mb)) {
+        fail(res, -EINVAL, "sandbox %s: cpus, memory_mb or disk_mb out of "
+             "range", p->sandbox);
         return false;
     }
     if (s->egress[0] == '\0') {
@@ -1058,7 +1085,7 @@ do_port(struct fsm *f, const struct fsm_cmd *c, struct fsm_result *res)
     const struct fsm_cmd_port *p = &c->u.port;
     sqlite3_stmt *st;
     struct sb_row r;
-    int rv;
+    int rc, rv;
 
     if (!id_ok(p->sandbox, "sandbox", res))
         return 0;
@@ -1099,14 +1126,14 @@ do_port(struct fsm *f, const struct fsm_cmd *c, struct fsm_result *res)
     sqlite3_bind_blob(st, 3, p->token_hash, FSM_TOKEN_HASH_LEN,
                       SQLITE_STATIC);
     sqlite3_bind_int64(st, 4, (sqlite3_int64)c->now_ms);
-    if (sqlite3_step(st) == SQLITE_CONSTRAINT) {
-        sqlite3_reset(st);
+    rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    if (rc == SQLITE_CONSTRAINT) {
         fail(res, -EEXIST, "port %u of sandbox %s is already exposed",
              p->port, p->sandbox);
         return 0;
     }
-    sqlite3_reset(st);
-    return 0;
+    return rc == SQLITE_DONE ? 0 : fsm_sql_fail(f, "port insert");
 }
 
 /* ---- Tokens and keys --------------------------------------------------- */
@@ -1421,11 +1448,49 @@ fsm_snapshot_bytes(struct fsm *f, void **out, size_t *out_len)
     return 0;
 }
 
+/* True when db looks like a database this FSM wrote: sqlite accepts it
+ * as a whole and its schema version is ours. */
+static bool
+snapshot_db_ok(sqlite3 *db, char *err, size_t errlen)
+{
+    sqlite3_stmt *st = NULL;
+    const unsigned char *v;
+    bool ok = false;
+
+    if (sqlite3_prepare_v2(db, "PRAGMA quick_check", -1, &st, NULL) !=
+            SQLITE_OK ||
+        sqlite3_step(st) != SQLITE_ROW ||
+        (v = sqlite3_column_text(st, 0)) == NULL ||
+        strcmp((const char *)v, "ok") != 0) {
+        snprintf(err, errlen, "snapshot database is corrupt: %s",
+                 sqlite3_errmsg(db));
+        sqlite3_finalize(st);
+        return false;
+    }
+    sqlite3_finalize(st);
+    if (sqlite3_prepare_v2(db, "SELECT value FROM meta WHERE key = "
+                           "'schema'", -1, &st, NULL) == SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW &&
+        (v = sqlite3_column_text(st, 0)) != NULL &&
+        strcmp((const char *)v, "1") == 0)
+        ok = true;
+    else
+        snprintf(err, errlen, "snapshot database has no schema version 1");
+    sqlite3_finalize(st);
+    return ok;
+}
+
+/*
+ * The snapshot is loaded into a new connection and checked there; only a
+ * good one replaces the current database, so a bad snapshot leaves the
+ * state as it was instead of half-replaced.
+ */
 int
 fsm_restore_bytes(struct fsm *f, const void *buf, size_t len)
 {
     const unsigned char *p = buf;
     unsigned char *copy;
+    sqlite3 *db = NULL;
     uint64_t size = 0;
     int rc;
 
@@ -1440,19 +1505,40 @@ fsm_restore_bytes(struct fsm *f, const void *buf, size_t len)
                  "match its %zu bytes", (unsigned long long)size, len);
         return -EINVAL;
     }
-    copy = sqlite3_malloc64(size);
-    if (copy == NULL)
+    if (sqlite3_open_v2(":memory:", &db,
+                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
+                            SQLITE_OPEN_NOMUTEX,
+                        NULL) != SQLITE_OK) {
+        sqlite3_close(db);
+        snprintf(f->err, sizeof(f->err), "sqlite: cannot open a database");
         return -ENOMEM;
+    }
+    copy = sqlite3_malloc64(size);
+    if (copy == NULL) {
+        sqlite3_close(db);
+        return -ENOMEM;
+    }
     memcpy(copy, p + SNAP_HDR, size);
-
-    /* Statements refer to the old schema objects: drop them first. */
-    finalize_all(f);
-    rc = sqlite3_deserialize(f->db, "main", copy, (sqlite3_int64)size,
+    /* With FREEONCLOSE, sqlite frees copy even when this fails. */
+    rc = sqlite3_deserialize(db, "main", copy, (sqlite3_int64)size,
                              (sqlite3_int64)size,
                              SQLITE_DESERIALIZE_FREEONCLOSE |
                                  SQLITE_DESERIALIZE_RESIZEABLE);
-    if (rc != SQLITE_OK)
-        return fsm_sql_fail(f, "deserialize");
+    if (rc != SQLITE_OK) {
+        snprintf(f->err, sizeof(f->err), "deserialize: %s",
+                 sqlite3_errmsg(db));
+        sqlite3_close(db);
+        return -EINVAL;
+    }
+    if (!snapshot_db_ok(db, f->err, sizeof(f->err))) {
+        sqlite3_close(db);
+        return -EINVAL;
+    }
+
+    /* Statements belong to the old connection: drop them with it. */
+    finalize_all(f);
+    sqlite3_close(f->db);
+    f->db = db;
     f->have_last = false;
     f->applied = 0;
     return fsm_index_rebuild(f);
