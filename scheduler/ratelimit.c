@@ -6,7 +6,7 @@
 #include "scheduler/ratelimit.h"
 
 #include <errno.h>
-#include <math.h>
+#include <math.h> /* isfinite is a macro: no libm needed */
 #include <stdlib.h>
 #include <string.h>
 
@@ -252,10 +252,13 @@ sched_ratelimit_take(struct sched_ratelimit *rl, const char *key,
         s->tokens -= 1.0;
         return 0;
     }
-    wait_s = ceil((1.0 - s->tokens) / (rl->rate_ms * 1000.0));
-    if (wait_s < 1)
+    /* Rounded up by hand: no libm for one ceil(). */
+    wait_s = (1.0 - s->tokens) / (rl->rate_ms * 1000.0);
+    if (wait_s > 86400)
+        return 86400;
+    if (wait_s <= 1.0)
         return 1;
-    return wait_s > 86400 ? 86400 : (unsigned)wait_s;
+    return (unsigned)wait_s + ((double)(unsigned)wait_s < wait_s ? 1 : 0);
 }
 
 size_t
