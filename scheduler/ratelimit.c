@@ -261,6 +261,34 @@ sched_ratelimit_take(struct sched_ratelimit *rl, const char *key,
     return (unsigned)wait_s + ((double)(unsigned)wait_s < wait_s ? 1 : 0);
 }
 
+unsigned
+sched_ratelimit_peek(const struct sched_ratelimit *rl, const char *key,
+                     uint64_t now_ms)
+{
+    size_t len = strnlen(key, SCHED_RL_KEY_MAX);
+    uint32_t i = rl->buckets[bucket_of(rl, key, len)];
+    const struct slot *s;
+    double tokens, wait_s;
+
+    while (i != NIL && !(rl->slots[i].key_len == len &&
+                         memcmp(rl->slots[i].key, key, len) == 0))
+        i = rl->slots[i].hnext;
+    if (i == NIL)
+        return 0;
+    s = &rl->slots[i];
+    tokens = s->tokens;
+    if (now_ms > s->last_ms)
+        tokens += (double)(now_ms - s->last_ms) * rl->rate_ms;
+    if (tokens >= 1.0)
+        return 0;
+    wait_s = (1.0 - tokens) / (rl->rate_ms * 1000.0);
+    if (wait_s > 86400)
+        return 86400;
+    if (wait_s <= 1.0)
+        return 1;
+    return (unsigned)wait_s + ((double)(unsigned)wait_s < wait_s ? 1 : 0);
+}
+
 size_t
 sched_ratelimit_size(const struct sched_ratelimit *rl)
 {

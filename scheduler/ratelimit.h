@@ -47,6 +47,15 @@ void sched_ratelimit_free(struct sched_ratelimit *rl);
 unsigned sched_ratelimit_take(struct sched_ratelimit *rl, const char *key,
                               uint64_t now_ms);
 
+/*
+ * Like take, without taking: 0 when a token is there, else the seconds to
+ * wait. For limits on failures (the preview listener counts wrong guesses
+ * with take and refuses a client whose bucket is empty before it looks at
+ * the next guess).
+ */
+unsigned sched_ratelimit_peek(const struct sched_ratelimit *rl,
+                              const char *key, uint64_t now_ms);
+
 /* Buckets in use, and buckets evicted so far (for /metrics). */
 size_t sched_ratelimit_size(const struct sched_ratelimit *rl);
 uint64_t sched_ratelimit_evictions(const struct sched_ratelimit *rl);
