@@ -259,10 +259,11 @@ typedef void (*sched_sandbox_cb)(void *data, int code, const char *message,
  *                wait_ms answers with the current state (starting).
  *   -EINVAL      400 invalid_argument (bad id, zero resources, egress).
  *   -EEXIST      409 conflict (the id exists with another spec or tenant).
- *   -ENOSPC      503 no_capacity: nothing fits; message says why per
- *                resource. 503 rather than 409: the request is valid and
- *                the same request can succeed once capacity frees up (a
- *                drain ends, a node joins), unlike a conflict.
+ *   -ENOSPC      409 no_capacity (api.c's choice): nothing fits; the
+ *                message says why per resource. A conflict with the
+ *                cluster's current capacity, not an outage (503 would
+ *                make clients retry blindly); the distinct code tells it
+ *                from an id conflict.
  *   -EAGAIN      503 unavailable: leadership changed mid-create (outcome
  *                unknown); retrying the same create is safe (idempotent).
  *   -ENOENT      404 not_found (destroy of an unknown sandbox).
@@ -285,7 +286,7 @@ void sched_sandbox_ensure(struct sched *s, const char *id,
                           sched_ensure_cb cb, void *data);
 /*
  * Added by nodes: ensure's codes (cb may run before ensure returns):
- * 0 (sb running), -ENOENT (404), -ENOSPC (503 no_capacity, re-placement
+ * 0 (sb running), -ENOENT (404), -ENOSPC (no_capacity, re-placement
  * fits nowhere), -EAGAIN / -ETIMEDOUT (503 unavailable: no leader, or
  * not running within SCHED_ENSURE_WAIT_MS), -ENOTCONN (409 conflict:
  * stopping or stopped), -EIO (409 conflict: failed, sb->reason says why).
