@@ -914,11 +914,31 @@ parse_addr(const char *text, struct sockaddr_storage *sa)
     return uv_ip6_addr(host, (int)port, (struct sockaddr_in6 *)sa);
 }
 
+/* forward.c's leader RPC address, else the members table's entry for
+ * raftnode's leader id (the same rule as nodes.c's redirects). */
+static const char *
+leader_rpc(struct sched *s)
+{
+    static struct fsm_member m;
+    const char *addr = sched_leader_rpc_addr(s);
+    char raft_addr[FSM_ADDR_MAX + 1];
+    uint64_t id = 0;
+
+    if (addr != NULL && addr[0] != '\0')
+        return addr;
+    if (s->raft == NULL)
+        return NULL;
+    raftnode_leader(s->raft, &id, raft_addr, sizeof(raft_addr));
+    if (id == 0 || fsm_member_get(s->fsm, id, &m) != 0)
+        return NULL;
+    return m.rpc_addr;
+}
+
 /* Follower: asks the leader to ensure the sandbox. */
 static void
 ask_leader(struct sched_lifecycle *lc, struct waiter *w)
 {
-    const char *addr = sched_leader_rpc_addr(lc->s);
+    const char *addr = leader_rpc(lc->s);
     struct sockaddr_storage sa;
     struct asked *a;
     struct pd_enc e;

@@ -260,11 +260,34 @@ send_error(struct sess *ss, uint64_t id, int errnum, const char *msg)
                            "%s", msg);
 }
 
+/*
+ * The leader's RPC address: forward.c's answer, else the members table
+ * entry of raftnode's leader id. NULL while there is no leader.
+ */
+static const char *
+leader_rpc(struct sched_nodes *n)
+{
+    static struct fsm_member m;
+    const char *addr = sched_leader_rpc_addr(n->s);
+    uint64_t id = 0;
+    char raft_addr[FSM_ADDR_MAX + 1];
+
+    if (addr != NULL && addr[0] != '\0')
+        return addr;
+    if (n->s->raft == NULL)
+        return NULL;
+    raftnode_leader(n->s->raft, &id, raft_addr, sizeof(raft_addr));
+    if (id == 0 || fsm_member_get(n->s->fsm, id, &m) != 0 ||
+        m.rpc_addr[0] == '\0')
+        return NULL;
+    return m.rpc_addr;
+}
+
 /* Tells the agent where the leader is; "" while there is none. */
 static void
 send_redirect(struct sess *ss, uint64_t id)
 {
-    const char *leader = sched_leader_rpc_addr(ss->n->s);
+    const char *leader = leader_rpc(ss->n);
     struct pd_enc e;
 
     if (ss->conn == NULL)
@@ -934,7 +957,7 @@ sched_nodes_on_state(struct sched *s, bool leader)
         if (!ss->registered)
             continue;
         unregister(ss);
-        if (sched_leader_rpc_addr(s) != NULL)
+        if (leader_rpc(n) != NULL)
             send_redirect(ss, 0);
     }
     pd_info("nodes", "no longer the leader: failure detector off, agent "
