@@ -660,6 +660,11 @@ defer_cb(uv_timer_t *t)
     struct raftnode *n = t->data;
 
     if (n->closing) {
+        /* An add between its two steps would otherwise never call back:
+         * raft knows nothing of the promotion not yet requested. */
+        if (n->changing && n->change_step == 2)
+            change_finish(n, RAFTNODE_ESHUTDOWN, "closing: the member was "
+                          "added as a spare, not promoted to voter");
         if (!n->close_transfer || !n->transferring)
             close_now(n);
         return;

@@ -30,10 +30,14 @@ struct tally {
     uint64_t most_free[R_COUNT]; /* among the nodes that lack it */
 };
 
+/* Subtracts one at a time: alloc + resv could wrap. */
 static uint64_t
 free_of(uint64_t cap, uint64_t alloc, uint64_t resv)
 {
-    return cap > alloc + resv ? cap - alloc - resv : 0;
+    if (alloc >= cap)
+        return 0;
+    cap -= alloc;
+    return cap > resv ? cap - resv : 0;
 }
 
 /* True when "key=value\n" is one of the node's label lines. */
@@ -41,6 +45,9 @@ static bool
 has_label(const char *labels, const char *line, size_t len)
 {
     const char *p = labels;
+
+    if (p == NULL)
+        return false;
 
     while ((p = strstr(p, line)) != NULL) {
         if (p == labels || p[-1] == '\n')
@@ -97,9 +104,10 @@ explain(const struct tally *t, const struct sched_place_req *req,
     for (int r = 0; r < R_COUNT; r++) {
         if (t->lack[r] == 0)
             continue;
-        append(why, whylen, &off, "%s %zu %s lack %s (need %llu%s, most "
+        append(why, whylen, &off, "%s %zu %s %s %s (need %llu%s, most "
                "free %llu%s)", sep, t->lack[r], nodes_word(t->lack[r]),
-               res_names[r], (unsigned long long)need[r], unit[r],
+               t->lack[r] == 1 ? "lacks" : "lack", res_names[r],
+               (unsigned long long)need[r], unit[r],
                (unsigned long long)t->most_free[r], unit[r]);
         sep = ",";
     }
@@ -225,14 +233,17 @@ sched_place(const struct fsm_node_index *idx,
 {
     struct tally t = {0};
     bool trace = pd_trace_on("placement");
-    char **lines;
+    char **lines, scratch[1];
     size_t *lens, best = SIZE_MAX;
     double best_room = 0;
     int rv;
 
     memset(out, 0, sizeof(*out));
-    if (whylen > 0)
-        why[0] = '\0';
+    if (why == NULL || whylen == 0) {
+        why = scratch;
+        whylen = sizeof(scratch);
+    }
+    why[0] = '\0';
     if (req->cpus == 0 || req->memory_mb == 0 || req->disk_mb == 0 ||
         req->n_constraints > FSM_KV_MAX) {
         snprintf(why, whylen, "a placement needs positive cpus, memory_mb "
