@@ -707,9 +707,18 @@ sched_auth_request(struct sched *s, struct pd_http_req *r,
     }
     rc = pd_jwt_verify(ks, tok, (int64_t)(pd_wall_ms() / 1000), &cl);
     if (rc != 0) {
+        struct fsm_token row;
+        const char *why = refusal_message(rc);
+
         unverified_claims(tok, sub, sizeof(sub), jti, sizeof(jti));
         sched_metrics_inc(s, "auth_refused", 1);
-        return refuse(r, refusal_message(rc), sub, jti);
+        /* The hook runs only on a valid signature, so this jti is ours: a
+         * missing row is not a revocation but an unknown token, e.g. one
+         * minted on the leader a moment ago and not applied here yet. */
+        if (rc == -EKEYREVOKED && fsm_token_get(s->fsm, jti, &row) != 0)
+            why = "token unknown to this scheduler (never recorded, "
+                  "expired and collected, or not replicated here yet)";
+        return refuse(r, why, sub, jti);
     }
 
     retry = s->auth->rl != NULL

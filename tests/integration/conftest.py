@@ -196,3 +196,139 @@ def guest_image():
     assert os.path.isfile(k) and os.path.isfile(i), \
         "guest image missing in %s: run deploy/guest/build.sh" % GUEST_DIR
     return k, i
+
+
+# ---- A Paddock cluster on loopback (appended by tokens) --------------------
+
+def http_json(method, addr, path, token=None, body=None, headers=None,
+              timeout=30.0):
+    """One HTTP request to host:port; returns (status, headers, JSON or
+    raw bytes). Never raises for an HTTP error status."""
+    import http.client
+    import json as _json
+    host, port = addr.rsplit(":", 1)
+    c = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    h = dict(headers or {})
+    if token:
+        h["Authorization"] = "Bearer " + token
+    data = None
+    if body is not None:
+        data = body if isinstance(body, (bytes, str)) else _json.dumps(body)
+        h.setdefault("Content-Type", "application/json")
+    try:
+        c.request(method, path, body=data, headers=h)
+        r = c.getresponse()
+        raw = r.read()
+        try:
+            val = _json.loads(raw) if raw else None
+        except ValueError:
+            val = raw
+        return r.status, dict(r.getheaders()), val
+    finally:
+        c.close()
+
+
+class Cluster:
+    """Schedulers (and optionally agents) started by hand on loopback, with
+    certificates from deploy/make-certs.sh. Every process is registered
+    with procs, so the fixture that owns procs stops them all."""
+
+    def __init__(self, procs, workdir, schedulers=3, agents=0,
+                 guest=None, sched_env=None, agent_args=None):
+        self.procs = procs
+        self.dir = workdir
+        self.pki = os.path.join(workdir, "pki")
+        names = ["s%d" % i for i in range(1, schedulers + 1)]
+        anames = ["n%d" % i for i in range(1, agents + 1)]
+        subprocess.run([os.path.join(REPO, "deploy", "make-certs.sh"),
+                        self.pki, "scheduler"] + names + ["agent"] + anames,
+                       check=True, capture_output=True)
+        self.sched = []
+        for i, n in enumerate(names, 1):
+            self.sched.append({
+                "id": i, "name": n,
+                "raft": "127.0.0.1:%d" % free_port(),
+                "api": "127.0.0.1:%d" % free_port(),
+                "rpc": "127.0.0.1:%d" % free_port(),
+                "preview": "127.0.0.1:%d" % free_port(),
+                "dir": os.path.join(workdir, n)})
+        boot = ",".join("%d=%s" % (s["id"], s["raft"]) for s in self.sched)
+        for s in self.sched:
+            s["proc"] = procs.start("scheduler-%d" % s["id"], [
+                binary("paddock-scheduler"), "--id", s["id"],
+                "--data_dir", s["dir"], "--raft_addr", s["raft"],
+                "--api_listen", s["api"], "--rpc_listen", s["rpc"],
+                "--preview_listen", s["preview"], "--bootstrap", boot,
+                "--tls_cert", os.path.join(self.pki, s["name"] + ".pem"),
+                "--tls_key", os.path.join(self.pki, s["name"] + ".key"),
+                "--tls_ca", os.path.join(self.pki, "ca.pem"),
+                "--election_timeout", "1s", "--grace", "5s"],
+                env=sched_env)
+        self.token = wait_for(self._admin_token, 60, "the admin token")
+        wait_for(lambda: self.leader() is not None, 30, "a leader")
+        for s in self.sched:
+            wait_for(lambda: self.api("GET", "/v1/cluster", at=s)[0] == 200,
+                     30, "scheduler %d to accept the admin token" % s["id"])
+        self.agents = []
+        for n in anames:
+            self.start_agent(n, guest, agent_args)
+        if anames:
+            wait_for(self._agents_ready, 120, "every agent ready")
+
+    def _admin_token(self):
+        for s in self.sched:
+            p = os.path.join(s["dir"], "admin.token")
+            if os.path.exists(p):
+                with open(p) as f:
+                    t = f.read().strip()
+                if t:
+                    return t
+        return None
+
+    def start_agent(self, name, guest, extra=None):
+        kernel, initrd = guest
+        a = {"name": name, "rpc": "127.0.0.1:%d" % free_port(),
+             "dir": os.path.join(self.dir, name)}
+        a["proc"] = self.procs.start("agent-" + name, [
+            binary("paddock-agent"), "--node_id", name,
+            "--data_dir", a["dir"], "--rpc_listen", a["rpc"],
+            "--schedulers", ",".join(s["rpc"] for s in self.sched),
+            "--tls_cert", os.path.join(self.pki, name + ".pem"),
+            "--tls_key", os.path.join(self.pki, name + ".key"),
+            "--tls_ca", os.path.join(self.pki, "ca.pem"),
+            "--kernel", kernel, "--initrd", initrd, "--accel", "tcg",
+            "--reserve_memory", "0", "--reserve_disk", "0",
+            "--stop_vms_on_exit"] + list(extra or []))
+        self.agents.append(a)
+        return a
+
+    def _agents_ready(self):
+        st, _h, body = self.api("GET", "/v1/nodes")
+        if st != 200:
+            return False
+        ready = [n for n in body.get("nodes", []) if n.get("state") == "ready"]
+        return len(ready) >= len(self.agents)
+
+    def leader(self):
+        """The leader's scheduler dict, as the schedulers see it."""
+        for s in self.sched:
+            if not s["proc"].alive():
+                continue
+            try:
+                st, _h, body = http_json("GET", s["api"], "/v1/cluster",
+                                         self.token, timeout=5)
+            except OSError:
+                continue
+            if st == 200 and body.get("leader"):
+                for t in self.sched:
+                    if str(t["id"]) == str(body["leader"]):
+                        return t
+        return None
+
+    def follower(self):
+        lead = self.leader()
+        return next(s for s in self.sched if s is not lead)
+
+    def api(self, method, path, body=None, token=None, at=None, **kw):
+        addr = (at or self.sched[0])["api"]
+        return http_json(method, addr, path, token or self.token, body, **kw)

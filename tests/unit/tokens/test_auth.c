@@ -530,7 +530,7 @@ test_unrecorded(void **state)
                         NULL);
 
     (void)state;
-    assert_refused(get_bearer(t), "token revoked");
+    assert_refused(get_bearer(t), "token unknown");
     free(t);
 }
 
