@@ -91,6 +91,12 @@ struct greq {
 
 /* Opens the port and registers it with the loop. */
 int server_init(const char *port_name);
+/*
+ * Serves on an open stream instead (one end of a socketpair), so unit tests
+ * run the whole agent without a VM. A peer that closes it is a hangup for
+ * good: unlike QEMU's port, a socketpair never comes back.
+ */
+int server_init_fd(int fd);
 
 /* Registers or forgets a live request of the current connection. */
 void greq_add(struct greq *r, uint64_t id, unsigned type,
@@ -192,8 +198,8 @@ int path_field(const struct pd_msg *m, const char *key, char *out,
 
 /* ---- ring.c: bounded log of a process's output ------------------------ */
 
-/* Smallest chunk allocated; later small writes of one stream fill it. */
-#define RING_CHUNK_MIN (8u << 10)
+/* Small writes of one stream grow the tail chunk up to this size. */
+#define RING_CHUNK_GROW (8u << 10)
 
 struct ring_chunk {
     uint64_t seq;  /* offset of the first byte in the whole output */
@@ -206,7 +212,8 @@ struct ring_chunk {
 
 struct ring {
     struct ring_chunk *head, *tail;
-    size_t bytes;   /* room of the chunks held, at most cap */
+    struct ring_chunk *tail_prev; /* to relink a tail that grew */
+    size_t bytes;   /* cost of the chunks held (header and room), <= cap */
     size_t cap;
     uint64_t end; /* seq after the last byte ever appended */
 };

@@ -558,6 +558,19 @@ chan_check(struct gtimer *t)
     timer_arm(&chan.check, HANGUP_CHECK_MS);
 }
 
+static void
+serve(int fd)
+{
+    chan.watch.fd = fd;
+    chan.watch.want = chan_want;
+    chan.watch.ready = chan_ready;
+    chan.watch.slot = -1;
+    chan.check.fire = chan_check;
+    chan.check.slot = -1;
+    watch_add(&chan.watch);
+    chan_check(&chan.check);
+}
+
 int
 server_init(const char *port_name)
 {
@@ -586,13 +599,24 @@ server_init(const char *port_name)
         usleep(5000);
     }
     pd_info("channel", "serving on %s (%s)", chan.path, port_name);
-    chan.watch.fd = chan.fd;
-    chan.watch.want = chan_want;
-    chan.watch.ready = chan_ready;
-    chan.watch.slot = -1;
-    chan.check.fire = chan_check;
-    chan.check.slot = -1;
-    watch_add(&chan.watch);
-    chan_check(&chan.check);
+    serve(chan.fd);
+    return 0;
+}
+
+int
+server_init_fd(int fd)
+{
+    int rv;
+
+    pd_decoder_init(&chan.dec, PD_FRAME_MAX);
+    chan.rbuf = malloc(READ_BUF);
+    if (chan.rbuf == NULL)
+        return -ENOMEM;
+    rv = fd_nonblock(fd);
+    if (rv != 0)
+        return rv;
+    chan.fd = fd;
+    pd_strlcpy(chan.path, "(inherited fd)", sizeof(chan.path));
+    serve(fd);
     return 0;
 }
