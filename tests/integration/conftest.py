@@ -238,6 +238,9 @@ class Cluster:
         self.procs = procs
         self.dir = workdir
         self.pki = os.path.join(workdir, "pki")
+        # QEMU runs as an unprivileged user when the agent is root: it must
+        # be able to reach the agents' data directories inside workdir.
+        os.chmod(workdir, 0o711)
         names = ["s%d" % i for i in range(1, schedulers + 1)]
         anames = ["n%d" % i for i in range(1, agents + 1)]
         subprocess.run([os.path.join(REPO, "deploy", "make-certs.sh"),
