@@ -37,7 +37,9 @@ pd_log_parse_level(const char *s, enum pd_log_level *out)
     return -EINVAL;
 }
 
-static void
+/* The format attribute lets -Wformat-nonliteral (clang, -Wformat=2) see
+ * that fmt comes from a checked caller. */
+static void __attribute__((format(printf, 3, 0)))
 write_line(const char *level, const char *subject, const char *fmt,
            va_list ap, const char *suffix)
 {
