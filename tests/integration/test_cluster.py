@@ -1,0 +1,424 @@
+"""The scheduler cluster survives its members' failures and refuses bad input.
+
+One cluster for the module, started by deploy/local-cluster: 3 schedulers,
+2 agents with real VMs (TCG), a low snapshot threshold. In order, it shows:
+a create sent to a follower lands on a node; idempotent creates; every
+kind of bad input gets a 4xx in the DESIGN.md shape; SIGKILL of the leader
+gives a new leader within seconds with no acknowledged create lost and the
+sandbox still reachable; the killed scheduler restarts and catches up;
+adding a scheduler (with a second membership change refused while the
+first is in flight) and removing it; and a full stop and restart of every
+scheduler, after snapshots, preserving every row.
+"""
+import concurrent.futures
+import glob
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import BUILD, GUEST_DIR, REPO, http_json, wait_for
+
+LC = os.path.join(REPO, "deploy", "local-cluster")
+SNAPSHOT_THRESHOLD = 32
+SMALL = {"cpus": 1, "memory_mb": 128, "disk_mb": 16}
+
+
+class LocalCluster:
+    def __init__(self, d):
+        self.dir = d
+        self.env = dict(os.environ, PADDOCK_BUILD=BUILD,
+                        PADDOCK_GUEST_DIR=GUEST_DIR, PADDOCK_ACCEL="tcg")
+
+    def run(self, *args, timeout=300):
+        r = subprocess.run([LC] + list(args) + ["--dir", self.dir],
+                           env=self.env, capture_output=True, text=True,
+                           timeout=timeout)
+        assert r.returncode == 0, "local-cluster %s: %s%s" % (
+            " ".join(args), r.stdout, r.stderr)
+        return r.stdout
+
+    def conf(self):
+        with open(os.path.join(self.dir, "cluster.json")) as f:
+            return json.load(f)
+
+    def api_addr(self, name):
+        return "127.0.0.1:%d" % self.conf()["members"][name]["api"]
+
+    def schedulers(self):
+        return sorted(n for n in self.conf()["members"]
+                      if n.startswith("scheduler-"))
+
+    def pid(self, name):
+        try:
+            with open(os.path.join(self.dir, name + ".pid")) as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            return None
+
+    def health(self, name):
+        try:
+            st, _h, b = http_json("GET", self.api_addr(name), "/v1/health",
+                                  timeout=2)
+        except OSError:
+            return None
+        return b if st == 200 else None
+
+    def leader(self, among=None):
+        for n in among or self.schedulers():
+            h = self.health(n)
+            if h and h.get("state") == "leader":
+                return n
+        return None
+
+    def followers(self):
+        lead = self.leader()
+        return [n for n in self.schedulers() if n != lead and self.health(n)]
+
+    def log(self, name, limit=3000):
+        try:
+            with open(os.path.join(self.dir, name + ".log"),
+                      errors="replace") as f:
+                return f.read()[-limit:]
+        except OSError:
+            return ""
+
+    def logs(self):
+        return "\n".join("---- %s ----\n%s" % (n, self.log(n))
+                         for n in sorted(self.conf()["members"]))
+
+
+@pytest.fixture(scope="module")
+def lc(guest_image, module_workdir):
+    # QEMU runs unprivileged under a root agent: it must reach DIR/agent-N.
+    os.chmod(module_workdir, 0o711)
+    d = os.path.join(module_workdir, "lc")
+    c = LocalCluster(d)
+    try:
+        out = c.run("up", "--schedulers", "3", "--agents", "2",
+                    "--snapshot-threshold", str(SNAPSHOT_THRESHOLD))
+        env = dict(line.split(" ", 1)[1].split("=", 1)
+                   for line in out.splitlines() if line.startswith("export "))
+        c.token = env["PADDOCK_TOKEN"]
+        c.addrs = env["PADDOCK_ADDR"].split(",")
+        assert len(c.addrs) == 3 and env["PADDOCK_PREVIEW_ADDR"]
+        yield c
+    except BaseException:
+        if os.path.exists(os.path.join(d, "cluster.json")):
+            print(c.logs())
+        raise
+    finally:
+        if os.path.exists(os.path.join(d, "cluster.json")):
+            pids = [c.pid(n) for n in c.conf()["members"]]
+            subprocess.run([LC, "down", "--dir", d], env=c.env,
+                           capture_output=True, timeout=120)
+            for p in pids:  # whatever down could not stop
+                if p is not None:
+                    try:
+                        os.kill(p, signal.SIGKILL)
+                    except OSError:
+                        pass
+
+
+def api(lc, method, path, body=None, at=None, token=None, **kw):
+    return http_json(method, lc.api_addr(at or lc.leader()), path,
+                     token or lc.token, body, **kw)
+
+
+def err_code(body):
+    assert isinstance(body, dict) and "error" in body, body
+    assert set(body["error"]) >= {"code", "message"}, body
+    return body["error"]["code"]
+
+
+# ---- creates through a follower ----------------------------------------------
+
+
+def test_create_through_a_follower_lands_on_a_node(lc):
+    f = lc.followers()[0]
+    st, _h, b = api(lc, "POST", "/v1/sandboxes?wait=true",
+                    dict(SMALL, id="c1", labels={"app": "web"}), at=f,
+                    timeout=180)
+    assert st == 201, b
+    assert b["state"] == "running", b.get("reason")
+    assert b["node"] in ("agent-1", "agent-2"), b
+    # The same id and spec again is the same sandbox; another spec is not.
+    st, _h, b2 = api(lc, "POST", "/v1/sandboxes",
+                     dict(SMALL, id="c1", labels={"app": "web"}), at=f)
+    assert st == 200 and b2["node"] == b["node"], b2
+    st, _h, b3 = api(lc, "POST", "/v1/sandboxes", dict(SMALL, id="c1",
+                                                        cpus=2), at=f)
+    assert st == 409 and err_code(b3) == "conflict", b3
+    # Every member sees it; a consistent read on a follower goes through
+    # the leader.
+    for n in lc.schedulers():
+        st, _h, g = api(lc, "GET", "/v1/sandboxes/c1?consistent=true", at=n)
+        assert st == 200 and g["state"] == "running", (n, g)
+    st, _h, lst = api(lc, "GET", "/v1/sandboxes?label=app%3Dweb&state=running",
+                      at=f)
+    assert [s["id"] for s in lst["sandboxes"]] == ["c1"], lst
+    st, _h, ex = api(lc, "POST", "/v1/sandboxes/c1/exec",
+                     {"argv": ["echo", "hi"]}, at=lc.followers()[-1],
+                     timeout=60)
+    assert st == 200 and ex["exit_code"] == 0, ex
+
+
+def test_cluster_nodes_health_and_metrics(lc):
+    st, _h, b = http_json("GET", lc.addrs[0], "/v1/health")
+    assert st == 200 and b["status"] == "ok"
+    st, _h, cl = api(lc, "GET", "/v1/cluster", at=lc.followers()[0])
+    assert st == 200 and len(cl["members"]) == 3, cl
+    assert sum(m["leader"] for m in cl["members"]) == 1, cl
+    lead = [m for m in cl["members"] if m["leader"]][0]
+    assert lead["api_addr"] == lc.api_addr(lc.leader()), cl
+    st, _h, nodes = api(lc, "GET", "/v1/nodes")
+    assert {n["id"] for n in nodes["nodes"]} == {"agent-1", "agent-2"}
+    st, _h, m = http_json("GET", lc.api_addr(lc.leader()), "/metrics",
+                          lc.token)
+    text = m.decode() if isinstance(m, bytes) else str(m)
+    for want in ('paddock_raft_state{state="leader"} 1', "paddock_raft_term",
+                 "paddock_raft_commit_index",
+                 'paddock_node_allocated_cpus{node="agent-',
+                 'paddock_sandboxes{state="running"}',
+                 'paddock_api_request_duration_seconds_bucket{route='
+                 '"/v1/sandboxes/{id}"'):
+        assert want in text, want
+
+
+# ---- bad input ---------------------------------------------------------------
+
+
+def test_bad_input_gets_clear_4xx(lc):
+    f = lc.followers()[0]
+    lead = lc.leader()
+    for at in (f, lead):
+        cases = [
+            ("POST", "/v1/sandboxes", '{"id": "x",', 400, "invalid_json"),
+            ("POST", "/v1/sandboxes", {"id": "x", "gpus": 1}, 400,
+             "invalid_argument"),
+            ("POST", "/v1/sandboxes", {"id": "x", "cpus": "two"}, 400,
+             "invalid_argument"),
+            ("POST", "/v1/sandboxes", {"id": "Bad_Id"}, 400,
+             "invalid_argument"),
+            ("POST", "/v1/sandboxes", {"id": "x", "cpus": 0}, 400,
+             "invalid_argument"),
+            ("POST", "/v1/sandboxes", {"id": "x", "env": {"A": 1}}, 400,
+             "invalid_argument"),
+            ("POST", "/v1/sandboxes", {"id": "x", "egress": "a b"}, 400,
+             "invalid_argument"),
+            ("POST", "/v1/sandboxes", [1, 2], 400, None),
+            ("POST", "/v1/sandboxes",
+             {"id": "x", "labels":
+              {"k%d" % i: "v" * 1000 for i in range(300)}}, 413, None),
+            ("GET", "/v1/sandboxes/nope", None, 404, "not_found"),
+            ("GET", "/v1/sandboxes/NOT_VALID", None, 400,
+             "invalid_argument"),
+            ("DELETE", "/v1/sandboxes/nope", None, 404, "not_found"),
+            ("GET", "/v1/sandboxes?state=sleepy", None, 400,
+             "invalid_argument"),
+            ("POST", "/v1/nodes/nope/drain", None, 404, "not_found"),
+            ("POST", "/v1/nodes/agent-1/drain", {"drain": "yes"}, 400,
+             "invalid_argument"),
+            ("POST", "/v1/cluster/members", {"id": 9}, 400,
+             "invalid_argument"),
+            ("POST", "/v1/cluster/members", {"id": -1, "raft_addr":
+                                             "127.0.0.1:1"}, 400,
+             "invalid_argument"),
+            ("DELETE", "/v1/cluster/members/77", None, 404, "not_found"),
+            ("GET", "/v1/nothing-here", None, 404, None),
+            ("PATCH", "/v1/sandboxes", None, 405, None),
+        ]
+        for method, path, body, want, code in cases:
+            st, _h, b = api(lc, method, path, body, at=at)
+            assert st == want, (at, method, path, st, b)
+            c = err_code(b)
+            if code is not None:
+                assert c == code, (at, method, path, b)
+    st, _h, b = http_json("GET", lc.api_addr(f), "/v1/sandboxes")
+    assert st == 401 and err_code(b) == "unauthorized", b
+    st, _h, b = http_json("GET", lc.api_addr(f), "/v1/sandboxes",
+                          "not.a.token")
+    assert st == 401, b
+    # A create that fits nowhere says which resource is short.
+    st, _h, b = api(lc, "POST", "/v1/sandboxes",
+                    {"id": "huge", "cpus": 64, "memory_mb": 1000000},
+                    at=f)
+    assert st == 409 and err_code(b) == "no_capacity", b
+    msg = b["error"]["message"].lower()
+    assert "cpu" in msg and "memory" in msg, b
+    # And the members still serve.
+    for n in lc.schedulers():
+        assert lc.health(n) is not None, n
+
+
+# ---- leader failure ------------------------------------------------------------
+
+
+def test_leader_kill_loses_no_acknowledged_create(lc):
+    old = lc.leader()
+    survivors = [n for n in lc.schedulers() if n != old]
+    acked, stop = [], threading.Event()
+    errors = []
+
+    def creator():
+        i = 0
+        while not stop.is_set() and i < 8:
+            sid = "fo-%d" % i
+            at = survivors[i % 2]
+            try:
+                st, _h, b = api(lc, "POST", "/v1/sandboxes",
+                                dict(SMALL, id=sid), at=at, timeout=30)
+            except OSError as e:
+                errors.append(repr(e))
+                continue
+            if st in (200, 201):
+                acked.append(sid)
+                i += 1
+            elif st != 503:
+                errors.append((sid, st, b))
+                i += 1
+    t = threading.Thread(target=creator)
+    t.start()
+    try:
+        wait_for(lambda: len(acked) >= 2, 60, "two creates before the kill")
+        t0 = time.monotonic()
+        lc.run("kill", old)
+        new = wait_for(lambda: lc.leader(survivors), 15, "a new leader")
+        elected = time.monotonic() - t0
+        assert new != old
+        assert elected < 10, elected
+        wait_for(lambda: len(acked) >= 8 or not t.is_alive(), 120,
+                 "creates after the kill")
+    finally:
+        stop.set()
+        t.join(60)
+    assert not errors, errors
+    assert len(acked) == 8, acked
+    for sid in acked:
+        st, _h, b = api(lc, "GET", "/v1/sandboxes/%s?consistent=true" % sid,
+                        at=survivors[0])
+        assert st == 200, (sid, b)
+    # The sandbox made before the kill still answers, through a follower.
+    f = [n for n in survivors if n != lc.leader(survivors)][0]
+    st, _h, ex = api(lc, "POST", "/v1/sandboxes/c1/exec", {"argv": ["true"]},
+                     at=f, timeout=60)
+    assert st == 200 and ex["exit_code"] == 0, ex
+    lc.killed = old
+
+
+def test_killed_scheduler_restarts_and_catches_up(lc):
+    old = lc.killed
+    lc.run("start", old)
+    wait_for(lambda: (lc.health(old) or {}).get("state") == "follower", 30,
+             "%s back as a follower" % old)
+
+    def same_rows():
+        st, _h, mine = api(lc, "GET", "/v1/sandboxes", at=old)
+        st2, _h, theirs = api(lc, "GET", "/v1/sandboxes?consistent=true")
+        return (st == 200 and st2 == 200 and
+                sorted(s["id"] for s in mine["sandboxes"]) ==
+                sorted(s["id"] for s in theirs["sandboxes"]))
+    wait_for(same_rows, 30, "%s to catch up" % old)
+    # Writes through it still work (and the VMs made above are not needed
+    # any more).
+    for i in range(8):
+        st, _h, b = api(lc, "DELETE", "/v1/sandboxes/fo-%d" % i, at=old,
+                        timeout=60)
+        assert st == 200, b
+
+
+# ---- membership ----------------------------------------------------------------
+
+
+def member_ids(lc):
+    st, _h, cl = api(lc, "GET", "/v1/cluster")
+    assert st == 200, cl
+    return {m["id"]: m for m in cl["members"]}
+
+
+def test_add_and_remove_a_scheduler(lc):
+    info = json.loads(lc.run("join", "scheduler-4").strip().splitlines()[-1])
+    pid = lc.pid("scheduler-4")
+    wait_for(lambda: lc.health("scheduler-4") is not None, 30,
+             "scheduler-4 up")
+    # Frozen, the new member cannot catch up, so its add stays in flight.
+    os.kill(pid, signal.SIGSTOP)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        fut = pool.submit(api, lc, "POST", "/v1/cluster/members", info,
+                          timeout=120)
+        wait_for(lambda: 4 in member_ids(lc), 30, "member 4 as a spare")
+        st, _h, b = api(lc, "POST", "/v1/cluster/members",
+                        {"id": 5, "raft_addr": "127.0.0.1:9"},
+                        at=lc.followers()[0])
+        assert st == 409 and err_code(b) == "conflict", b
+        st, _h, b = api(lc, "DELETE", "/v1/cluster/members/2")
+        assert st == 409 and err_code(b) == "conflict", b
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    st, _h, b = fut.result(120)
+    pool.shutdown()
+    assert st == 201, b
+    m = member_ids(lc)
+    assert m[4]["role"] == "voter" and m[4]["api_addr"] == info["api_addr"]
+
+    def caught_up():
+        st, _h, mine = api(lc, "GET", "/v1/sandboxes", at="scheduler-4")
+        return st == 200 and any(s["id"] == "c1" for s in mine["sandboxes"])
+    wait_for(caught_up, 30, "scheduler-4 to hold the state")
+    # A write through the new member reaches the leader.
+    st, _h, b = api(lc, "POST", "/v1/nodes/agent-2/drain", {"drain": False},
+                    at="scheduler-4")
+    assert st == 200 and b["draining"] is False, b
+
+    st, _h, b = api(lc, "DELETE", "/v1/cluster/members/4",
+                    at=lc.followers()[0])
+    assert st == 200, b
+    assert 4 not in member_ids(lc)
+    lc.run("stop", "scheduler-4")
+
+
+# ---- snapshots and a full restart --------------------------------------------------
+
+
+def rows(lc, at=None, consistent=True):
+    st, _h, sb = api(lc, "GET", "/v1/sandboxes%s" % (
+        "?consistent=true" if consistent else ""), at=at)
+    st2, _h, nodes = api(lc, "GET", "/v1/nodes", at=at)
+    st3, _h, toks = api(lc, "GET", "/v1/tokens", at=at)
+    assert st == 200 and st2 == 200, (sb, nodes)
+    keep = ("id", "tenant", "node", "cpus", "memory_mb", "disk_mb",
+            "labels", "generation", "created_at")
+    return ({s["id"]: {k: s.get(k) for k in keep} for s in sb["sandboxes"]},
+            {n["id"]: (n["capacity"], n["draining"]) for n in nodes["nodes"]},
+            sorted(t["jti"] for t in toks.get("tokens", []))
+            if st3 == 200 else None)
+
+
+def test_snapshot_and_restart_preserve_every_row(lc):
+    # Enough entries for every member to snapshot a few times.
+    for i in range(2 * SNAPSHOT_THRESHOLD):
+        st, _h, b = api(lc, "POST", "/v1/nodes/agent-1/drain",
+                        {"drain": i % 2 == 0})
+        assert st == 200, b
+    assert b["draining"] is False
+    for n in lc.schedulers()[:3]:
+        wait_for(lambda: glob.glob(os.path.join(lc.dir, n, "raft",
+                                                "snapshot-*")),
+                 30, "a snapshot on %s" % n)
+    before = rows(lc)
+    assert "c1" in before[0] and len(before[1]) == 2
+    names = lc.schedulers()[:3]
+    for n in names:
+        lc.run("stop", n)
+    for n in names:
+        lc.run("start", n)
+    wait_for(lambda: lc.leader(names), 30, "a leader after the restart")
+    for n in names:
+        # Each member's own copy, rebuilt from its snapshot and log.
+        wait_for(lambda: rows(lc, at=n, consistent=False) == before, 30,
+                 "%s to hold every row again" % n)
