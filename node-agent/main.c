@@ -8,6 +8,7 @@
  * adopts them) unless stop_vms_on_exit is set.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <grp.h>
 #include <pwd.h>
 #include <signal.h>
@@ -259,8 +260,17 @@ open_state(struct agent *a, char *err, size_t errlen)
 static int
 setup_cgroups(struct agent *a, char *err, size_t errlen)
 {
-    struct agent_cg_source src = {.want = a->cfg.cgroup, .child = "paddock"};
-    int rv = agent_cg_init(&a->cg, &src, err, errlen);
+    struct agent_cg_source src = {.want = a->cfg.cgroup};
+    char child[PD_ID_MAX + 1];
+    int rv;
+
+    /* One parent per node: agents sharing a host (a local cluster, or an
+     * old agent's VMs still running) never share a sandbox cgroup. */
+    if (snprintf(child, sizeof(child), "paddock-%s", a->node) >=
+        (int)sizeof(child))
+        pd_strlcpy(child, "paddock", sizeof(child));
+    src.child = child;
+    rv = agent_cg_init(&a->cg, &src, err, errlen);
 
     if (rv != 0)
         return rv;
@@ -278,10 +288,12 @@ setup_cgroups(struct agent *a, char *err, size_t errlen)
 static uint64_t
 own_memory_limit(const struct agent *a)
 {
-    char path[PATH_MAX], *text = NULL;
+    char path[PATH_MAX], text[64] = "";
     uint64_t v = 0;
     const char *dir = a->cg.mode == AGENT_CG_V2 ? a->cg.v2_dir : a->cg.mem_dir;
     char *slash;
+    ssize_t n;
+    int fd;
 
     if (a->cg.mode == AGENT_CG_NONE)
         return 0;
@@ -292,12 +304,19 @@ own_memory_limit(const struct agent *a)
     snprintf(slash, sizeof(path) - (size_t)(slash - path), "/%s",
              a->cg.mode == AGENT_CG_V2 ? "memory.max"
                                        : "memory.limit_in_bytes");
-    if (pd_read_file(path, &text, NULL, 64) == 0) {
-        text[strcspn(text, "\n")] = '\0';
-        if (pd_parse_u64(text, &v) != 0)
-            v = 0;
-    }
-    free(text);
+    /* Not pd_read_file: cgroup files report a size of 0 to fstat. */
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    n = read(fd, text, sizeof(text) - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    text[n] = '\0';
+    text[strcspn(text, "\n")] = '\0';
+    /* "max" (v2) and v1's huge "unlimited" value mean no limit. */
+    if (pd_parse_u64(text, &v) != 0 || v >= (1ULL << 62))
+        v = 0;
     return v;
 }
 

@@ -192,28 +192,74 @@ add_waiter(struct sb_waiter **list, struct sb_waiter *w)
 
 /* ---- process facts ----------------------------------------------------- */
 
+/*
+ * Reads a small /proc file whole. pd_read_file sizes its buffer with
+ * fstat, and /proc files report a size of 0, so it reads nothing there.
+ * Returns the length (NUL-terminated in buf) or -errno.
+ */
+static ssize_t
+read_proc(const char *path, char *buf, size_t buflen)
+{
+    size_t got = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+
+    if (fd < 0)
+        return -errno;
+    while (got + 1 < buflen) {
+        ssize_t n = read(fd, buf + got, buflen - 1 - got);
+
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+    }
+    close(fd);
+    buf[got] = '\0';
+    return (ssize_t)got;
+}
+
 /* Field 22 of /proc/<pid>/stat: the start time, in clock ticks. */
 static int
 proc_start_time(pid_t pid, uint64_t *out)
 {
-    char path[64], *text = NULL, *p;
-    int rv, field = 2;
+    char path[64], text[1024], *p;
+    int field = 2;
+    ssize_t n;
 
     snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-    rv = pd_read_file(path, &text, NULL, 4096);
-    if (rv != 0)
-        return rv;
+    n = read_proc(path, text, sizeof(text));
+    if (n < 0)
+        return (int)n;
     p = strrchr(text, ')'); /* the command name may hold spaces */
     for (; p != NULL && field < 22; field++)
         p = strchr(p + 1, ' ');
-    rv = p != NULL && sscanf(p + 1, "%" SCNu64, out) == 1 ? 0 : -EPROTO;
-    free(text);
-    return rv;
+    return p != NULL && sscanf(p + 1, "%" SCNu64, out) == 1 ? 0 : -EPROTO;
 }
 
-/* The last lines of QEMU's log, on one line, for a failure reason. */
+/* True when pid's command line names the sandbox's directory: QEMU's
+ * argv holds its socket paths, which no other process has. */
+static bool
+proc_names_dir(pid_t pid, const char *dir)
+{
+    char path[64], text[8192];
+    size_t dl = strlen(dir);
+    ssize_t n;
+
+    snprintf(path, sizeof(path), "/proc/%d/cmdline", (int)pid);
+    n = read_proc(path, text, sizeof(text));
+    for (ssize_t i = 0; n > 0 && i + (ssize_t)dl < n; i++)
+        if (memcmp(text + i, dir, dl) == 0 && text[i + (ssize_t)dl] == '/')
+            return true;
+    return false;
+}
+
+/* The last lines of one of the sandbox's logs (qemu.log: QEMU's own
+ * stderr; console.log: the guest's serial console), on one line, for a
+ * failure reason. */
 static void
-log_tail(const struct sandbox *sb, char *out, size_t outlen)
+log_tail(const struct sandbox *sb, const char *name, char *out,
+         size_t outlen)
 {
     char path[PATH_MAX], buf[LOG_TAIL + 1];
     ssize_t n;
@@ -221,7 +267,7 @@ log_tail(const struct sandbox *sb, char *out, size_t outlen)
     int fd;
 
     out[0] = '\0';
-    snprintf(path, sizeof(path), "%s/qemu.log", sb->dir);
+    snprintf(path, sizeof(path), "%s/%s", sb->dir, name);
     fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return;
@@ -352,18 +398,26 @@ vm_exited(struct sandbox *sb, int64_t status, int signum, bool known)
     }
     if (ooms > sb->oom_before)
         snprintf(why, sizeof(why), "out of memory: the cgroup's OOM killer "
-                 "killed QEMU (memory limit %llu MiB + overhead)",
-                 (unsigned long long)sb->memory_mb);
+                 "killed QEMU (limit %llu MiB guest + %llu MiB overhead)",
+                 (unsigned long long)sb->memory_mb,
+                 (unsigned long long)(sb->agent->cfg.memory_overhead / MIB));
     else if (!known)
-        snprintf(why, sizeof(why), "QEMU exited while the agent watched "
-                 "it from a restart (no exit status)");
+        snprintf(why, sizeof(why), "QEMU exited (status unknown: adopted "
+                 "after an agent restart)");
     else if (signum != 0)
         snprintf(why, sizeof(why), "QEMU killed by signal %d (%s)", signum,
                  strsignal(signum));
+    else if (status == 0)
+        snprintf(why, sizeof(why), "the guest powered off or panicked "
+                 "(QEMU exited with status 0)");
     else
         snprintf(why, sizeof(why), "QEMU exited with status %lld",
                  (long long)status);
-    log_tail(sb, tail, sizeof(tail));
+    /* QEMU's stderr says why QEMU stopped; when it said nothing, the
+     * console says why the guest did (a panic, a poweroff). */
+    log_tail(sb, "qemu.log", tail, sizeof(tail));
+    if (tail[0] == '\0' && known && signum == 0)
+        log_tail(sb, "console.log", tail, sizeof(tail));
     sb_fail(sb, "%s%s%s", why, tail[0] ? "; last log: " : "", tail);
 }
 
@@ -428,7 +482,9 @@ on_boot_timeout(uv_timer_t *t)
 
     if (sb->state != SB_STARTING)
         return;
-    log_tail(sb, tail, sizeof(tail));
+    log_tail(sb, "qemu.log", tail, sizeof(tail));
+    if (tail[0] == '\0')
+        log_tail(sb, "console.log", tail, sizeof(tail));
     sb_fail(sb, "the guest agent did not answer within %llu s%s%s",
             (unsigned long long)(sb->agent->cfg.boot_timeout_ms / 1000),
             tail[0] ? "; last log: " : "", tail);
@@ -1160,13 +1216,20 @@ load_ports(struct sandbox *sb, const char *ports)
     json_decref(arr);
 }
 
+/*
+ * The recorded pid is still our QEMU: alive, started at the recorded time
+ * (a recycled pid has another), and running with this sandbox's
+ * directory in its argv. Both checks, because deleting the disk of a VM
+ * that is in fact running would be far worse than keeping a dead one.
+ */
 static bool
-still_ours(pid_t pid, uint64_t start)
+still_ours(pid_t pid, uint64_t start, const char *dir)
 {
     uint64_t now_start;
 
-    return pid > 0 && kill(pid, 0) == 0 &&
-           proc_start_time(pid, &now_start) == 0 && now_start == start;
+    if (pid <= 0 || kill(pid, 0) != 0 || !proc_names_dir(pid, dir))
+        return false;
+    return proc_start_time(pid, &now_start) == 0 && now_start == start;
 }
 
 static int
@@ -1197,7 +1260,7 @@ restore_one(void *arg, const struct agent_state_row *row)
     sb->adopted = true;
 
     if (sb->state != SB_FAILED &&
-        still_ours((pid_t)row->pid, row->pid_start)) {
+        still_ours((pid_t)row->pid, row->pid_start, sb->dir)) {
         sb->pid = (pid_t)row->pid;
         sb->pid_start = row->pid_start;
         if (watch_pidfd(sb) != 0) {
