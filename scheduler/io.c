@@ -56,6 +56,10 @@
 #define UPLOAD_BUF_MAX (1u << 20)  /* body bytes held before pausing */
 #define TIMEOUT_MAX_MS (24ull * 3600 * 1000)
 #define PATH_MAX_LEN 4095
+/* An idle event stream gets a comment this often: a client that went away
+ * is noticed only by a failing write (its FIN alone reads as a
+ * half-close), and then its exec or follow is cancelled in the guest. */
+#define SSE_KEEPALIVE_MS 1000
 
 enum io_kind {
     IO_EXEC,
@@ -99,6 +103,7 @@ struct io {
 
     /* streamed responses */
     bool sse;
+    uv_timer_t *keepalive;
     uint64_t held;            /* bytes consumed, grant held for drain */
     uint64_t size, sent;      /* file download */
 
@@ -269,8 +274,18 @@ proc_json(const msgpack_object *o)
 /* ---- the io object ------------------------------------------------------ */
 
 static void
+stop_keepalive(struct io *io)
+{
+    if (io->keepalive != NULL) {
+        uv_close((uv_handle_t *)io->keepalive, (uv_close_cb)free);
+        io->keepalive = NULL;
+    }
+}
+
+static void
 io_free(struct io *io)
 {
+    stop_keepalive(io);
     json_decref(io->body);
     free(io->path);
     free(io->out.data);
@@ -290,6 +305,7 @@ io_maybe_free(struct io *io)
 static void
 io_done(struct io *io)
 {
+    stop_keepalive(io);
     if (io->q != NULL) {
         sched_areq_cancel(io->q);
         io->q = NULL;
@@ -631,15 +647,43 @@ sse_json(struct io *io, const char *event, json_t *j)
 }
 
 static void
+on_keepalive(uv_timer_t *t)
+{
+    struct io *io = t->data;
+
+    if (io->r != NULL && pd_http_queued(io->r) == 0)
+        pd_http_sse_comment(io->r, "keep-alive");
+}
+
+static void
 start_sse(struct io *io)
 {
     if (io->sse || io->r == NULL)
         return;
     add_replaced(io);
-    pd_http_add_header(io->r, "Cache-Control", "no-store");
     pd_http_sse_start(io->r);
     pd_http_on_drain(io->r, io_drain);
     io->sse = true;
+    io->keepalive = malloc(sizeof(*io->keepalive));
+    if (io->keepalive != NULL) {
+        uv_timer_init(io->s->loop, io->keepalive);
+        io->keepalive->data = io;
+        uv_timer_start(io->keepalive, on_keepalive, SSE_KEEPALIVE_MS,
+                       SSE_KEEPALIVE_MS);
+    }
+}
+
+/* Ends a streamed response that completed. */
+static void
+end_stream(struct io *io)
+{
+    struct pd_http_req *r = io->r;
+
+    stop_keepalive(io);
+    if (r != NULL) {
+        io->r = NULL;
+        pd_http_end(r);
+    }
 }
 
 /* STDOUT / STDERR as an event with base64 data. */
@@ -732,12 +776,7 @@ exec_end(struct sched_areq *q, int status, const struct pd_msg *m,
     if (io->stream) {
         start_sse(io);
         sse_json(io, "exit", j);
-        if (io->r != NULL) {
-            struct pd_http_req *r = io->r;
-
-            io->r = NULL;
-            pd_http_end(r);
-        }
+        end_stream(io);
     } else {
         n = 0;
         p = "";
@@ -918,12 +957,7 @@ logs_end(struct sched_areq *q, int status, const struct pd_msg *m,
             json_object_set(j, "running", json_object_get(pj, "running"));
         }
         sse_json(io, "exit", j);
-        if (io->r != NULL) {
-            struct pd_http_req *r = io->r;
-
-            io->r = NULL;
-            pd_http_end(r);
-        }
+        end_stream(io);
     } else {
         j = json_object();
         set_output(j, "stdout", io->out.data ? io->out.data : "",
@@ -1445,7 +1479,8 @@ read_body(struct io *io, size_t max)
     }
 }
 
-/* Query parameters: only the listed names, each at most once. */
+/* Query parameters: only the listed names, each at most once
+ * ("consistent" is api.c's, for any GET, and means nothing here). */
 static bool
 query_ok(struct io *io, const char *const *allowed)
 {
@@ -1456,6 +1491,8 @@ query_ok(struct io *io, const char *const *allowed)
         bool ok = false;
 
         pd_http_req_query_at(io->r, i, &k, &v);
+        if (strcmp(k, "consistent") == 0)
+            continue;
         for (const char *const *a = allowed; *a != NULL; a++)
             ok = ok || strcmp(*a, k) == 0;
         for (size_t j = 0; ok && j < i; j++) {
