@@ -234,7 +234,8 @@ class Cluster:
     with procs, so the fixture that owns procs stops them all."""
 
     def __init__(self, procs, workdir, schedulers=3, agents=0,
-                 guest=None, sched_env=None, agent_args=None):
+                 guest=None, sched_env=None, agent_args=None,
+                 sched_args=None):
         self.procs = procs
         self.dir = workdir
         self.pki = os.path.join(workdir, "pki")
@@ -265,8 +266,8 @@ class Cluster:
                 "--tls_cert", os.path.join(self.pki, s["name"] + ".pem"),
                 "--tls_key", os.path.join(self.pki, s["name"] + ".key"),
                 "--tls_ca", os.path.join(self.pki, "ca.pem"),
-                "--election_timeout", "1s", "--grace", "5s"],
-                env=sched_env)
+                "--election_timeout", "1s", "--grace", "5s"] +
+                list(sched_args or []), env=sched_env)
         self.token = wait_for(self._admin_token, 60, "the admin token")
         wait_for(lambda: self.leader() is not None, 30, "a leader")
         for s in self.sched:
