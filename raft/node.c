@@ -452,8 +452,18 @@ static void
 change_cb(struct raft_change *req, int status)
 {
     struct raftnode *n = req->data;
-    char msg[128];
+    char msg[256];
 
+    if (status != 0 && n->change_step == 2) {
+        /* The spare stays in the configuration: say so, since the
+         * caller has to remove it (or retry) by hand. */
+        snprintf(msg, sizeof(msg), "member %llu added as spare, promotion "
+                 "to voter failed: %s; remove it before adding it again",
+                 (unsigned long long)n->change_id, raft_strerror(status));
+        set_err(n, "%s", msg);
+        change_finish(n, map_rv(status), msg);
+        return;
+    }
     if (status != 0) {
         snprintf(msg, sizeof(msg), "membership change for %llu failed: %s",
                  (unsigned long long)n->change_id, raft_strerror(status));

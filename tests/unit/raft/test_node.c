@@ -644,6 +644,39 @@ test_membership(void **state)
     assert_false(ch2.done);
 }
 
+/* A member added at an address nobody answers: the promotion gives up
+ * (raft aborts the catch-up) instead of blocking every later change, and
+ * the spare it left behind can be removed. */
+static void
+test_add_unreachable(void **state)
+{
+    struct world *w = *state;
+    struct member *a = &w->m[0];
+    struct raftnode_peer *v;
+    struct change ch = {0};
+    char dead[64];
+    size_t n;
+
+    member_start(w, 0, 1, 0);
+    wait_leader(w, 1);
+    snprintf(dead, sizeof(dead), "127.0.0.1:%u", free_port());
+    assert_int_equal(raftnode_add(a->node, 5, dead, change_cb, &ch), 0);
+    assert_true(run_until(&w->loop, change_done, &ch, WAIT_MS));
+    if (getenv("TEST_VERBOSE") != NULL)
+        fprintf(stderr, "add: %d %s\n", ch.status, ch.msg);
+    assert_int_equal(ch.status, -ENOTCONN);
+    assert_non_null(strstr(ch.msg, "promotion to voter failed"));
+    assert_int_equal(voter_count(a->node), 1);
+
+    memset(&ch, 0, sizeof(ch));
+    assert_int_equal(raftnode_remove(a->node, 5, change_cb, &ch), 0);
+    assert_true(run_until(&w->loop, change_done, &ch, WAIT_MS));
+    assert_int_equal(ch.status, 0);
+    assert_int_equal(raftnode_members(a->node, &v, &n), 0);
+    assert_int_equal(n, 1);
+    free(v);
+}
+
 /* Bad configurations and calls out of order. */
 static void
 test_errors(void **state)
@@ -666,9 +699,19 @@ test_errors(void **state)
     cfg.address = NULL;
     assert_int_equal(raftnode_new(&n, &w->loop, f, &cfg, err, sizeof(err)),
                      -EINVAL);
+
+    /* Created, never started: proposals are refused and close still
+     * releases everything. */
+    cfg.address = w->m[0].addr;
+    assert_int_equal(raftnode_new(&n, &w->loop, f, &cfg, err, sizeof(err)),
+                     0);
+    mk_register(&c, "n1", 1, 1, 1);
+    assert_int_equal(raftnode_propose(n, &c, batch_cb, NULL),
+                     RAFTNODE_ESHUTDOWN);
+    w->m[0].node = n;
+    member_stop(w, &w->m[0], true);
     fsm_free(f);
 
-    /* Before start: nothing to propose to. After close: done is called. */
     member_start(w, 0, 1, 0);
     wait_leader(w, 1);
     assert_int_equal(raftnode_start(w->m[0].node), -EALREADY);
@@ -707,6 +750,7 @@ main(void)
         T(test_unpadded_entry_fails_loudly),
         T(test_three_members),
         T(test_membership),
+        T(test_add_unreachable),
         T(test_errors),
     };
 
