@@ -217,6 +217,7 @@ dispatch(struct guestc *g, const struct pd_msg *m)
         req_reply(r, m);
         return;
     case PD_MSG_EXIT:
+    case PD_MSG_PONG:
         req_reply(r, m);
         return;
     case PD_MSG_STDOUT:
@@ -757,6 +758,13 @@ guestc_tunnel(struct guestc *g, unsigned port, const struct guestc_req_cb *cb,
 {
     return simple(g, PD_MSG_TUNNEL_OPEN, NULL, NULL, NULL, NULL, NULL, false,
                   "port", port, cb, data);
+}
+
+struct guestc_req *
+guestc_ping(struct guestc *g, const struct guestc_req_cb *cb, void *data)
+{
+    return simple(g, PD_MSG_PING, NULL, NULL, NULL, NULL, NULL, false, NULL,
+                  0, cb, data);
 }
 
 struct guestc_req *

@@ -206,6 +206,9 @@ struct guestc_req *guestc_file_rename(struct guestc *g, const char *from,
  * DATA both ways; on_reply(NULL) once both directions reached eof. */
 struct guestc_req *guestc_tunnel(struct guestc *g, unsigned port,
                                  const struct guestc_req_cb *cb, void *data);
+/* PING: on_reply gets the PONG; a liveness check of the agent's loop. */
+struct guestc_req *guestc_ping(struct guestc *g,
+                               const struct guestc_req_cb *cb, void *data);
 struct guestc_req *guestc_info(struct guestc *g,
                                const struct guestc_req_cb *cb, void *data);
 /* OK, then the guest syncs and powers off (QEMU exits). */
