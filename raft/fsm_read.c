@@ -6,9 +6,12 @@
 #include "raft/fsm_int.h"
 
 #include <errno.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "common/log.h"
 
 /* ---- Generic helpers --------------------------------------------------- */
 
@@ -270,43 +273,57 @@ fsm_sandbox_get(struct fsm *f, const char *id, struct fsm_sandbox *out)
     return rv;
 }
 
+/* Appends to a query buffer; once it is full, further text is dropped
+ * and *off stays past the end, which the caller checks once. */
+static void PD_PRINTF(4, 5)
+sql_add(char *sql, size_t size, size_t *off, const char *fmt, ...)
+{
+    va_list ap;
+    int n;
+
+    if (*off >= size)
+        return;
+    va_start(ap, fmt);
+    n = vsnprintf(sql + *off, size - *off, fmt, ap);
+    va_end(ap);
+    *off += n > 0 ? (size_t)n : 0;
+}
+
 /* The list query is built per call: its label clauses vary in number. */
 static int
 prepare_list(struct fsm *f, const struct fsm_sandbox_filter *flt,
              sqlite3_stmt **out)
 {
     char sql[4096];
-    size_t off;
+    size_t off = 0;
     sqlite3_stmt *st;
     int p = 1;
 
     if (flt->n_labels > 32)
         return -E2BIG;
-    off = (size_t)snprintf(sql, sizeof(sql),
-                           "SELECT id, tenant, cpus, memory_mb, disk_mb,"
-                           " egress, spec_digest, node, state, reason,"
-                           " generation, created_ms, updated_ms"
-                           " FROM sandboxes s WHERE 1");
+    sql_add(sql, sizeof(sql), &off,
+            "SELECT id, tenant, cpus, memory_mb, disk_mb,"
+            " egress, spec_digest, node, state, reason,"
+            " generation, created_ms, updated_ms"
+            " FROM sandboxes s WHERE 1");
     if (flt->tenant != NULL)
-        off += (size_t)snprintf(sql + off, sizeof(sql) - off,
-                                " AND tenant = ?%d", p++);
+        sql_add(sql, sizeof(sql), &off, " AND tenant = ?%d", p++);
     if (flt->node != NULL)
-        off += (size_t)snprintf(sql + off, sizeof(sql) - off,
-                                " AND node = ?%d", p++);
+        sql_add(sql, sizeof(sql), &off, " AND node = ?%d", p++);
     if (flt->state >= 0)
-        off += (size_t)snprintf(sql + off, sizeof(sql) - off,
-                                " AND state = ?%d", p++);
+        sql_add(sql, sizeof(sql), &off, " AND state = ?%d", p++);
     if (flt->after != NULL)
-        off += (size_t)snprintf(sql + off, sizeof(sql) - off,
-                                " AND id > ?%d", p++);
+        sql_add(sql, sizeof(sql), &off, " AND id > ?%d", p++);
     for (size_t i = 0; i < flt->n_labels; i++) {
-        off += (size_t)snprintf(sql + off, sizeof(sql) - off,
-                                " AND EXISTS (SELECT 1 FROM sandbox_labels l"
-                                " WHERE l.sandbox = s.id AND l.key = ?%d"
-                                " AND l.value = ?%d)", p, p + 1);
+        sql_add(sql, sizeof(sql), &off,
+                " AND EXISTS (SELECT 1 FROM sandbox_labels l"
+                " WHERE l.sandbox = s.id AND l.key = ?%d"
+                " AND l.value = ?%d)", p, p + 1);
         p += 2;
     }
-    snprintf(sql + off, sizeof(sql) - off, " ORDER BY id");
+    sql_add(sql, sizeof(sql), &off, " ORDER BY id");
+    if (off >= sizeof(sql))
+        return -E2BIG; /* cannot happen with 32 labels; never truncate */
     if (sqlite3_prepare_v2(f->db, sql, -1, &st, NULL) != SQLITE_OK)
         return fsm_sql_fail(f, "sandbox list");
 

@@ -1314,6 +1314,14 @@ test_sandbox_list(void **state)
     assert_int_equal(fsm_sandbox_list(f, &flt, &v, &n), 0);
     assert_int_equal(n, 5);
     fsm_sandboxes_free(v, n);
+    /* With every other filter too: the longest query there is. */
+    flt.tenant = "acme";
+    flt.node = "n2";
+    flt.state = FSM_SB_PENDING;
+    flt.after = "s0";
+    assert_int_equal(fsm_sandbox_list(f, &flt, &v, &n), 0);
+    assert_int_equal(n, 3); /* s2 s4 s6 */
+    fsm_sandboxes_free(v, n);
     flt.n_labels = 33;
     assert_int_equal(fsm_sandbox_list(f, &flt, &v, &n), -E2BIG);
 
