@@ -460,18 +460,12 @@ id_ok(const char *id, const char *what, struct fsm_result *res)
     return false;
 }
 
-/*
- * Sizes are stored in sqlite's signed 64-bit integers and summed into a
- * node's allocation: bounding each (2^40 MB is a zettabyte-scale node, far
- * beyond any real one) keeps every sum exact and non-negative.
- */
-#define FSM_SIZE_MAX (1ull << 40)
-
+/* See FSM_SIZE_MAX_MB in fsm.h. */
 static bool
 size_ok(uint32_t cpus, uint64_t memory_mb, uint64_t disk_mb)
 {
-    return cpus <= (1u << 20) && memory_mb <= FSM_SIZE_MAX &&
-           disk_mb <= FSM_SIZE_MAX;
+    return cpus <= FSM_CPUS_MAX && memory_mb <= FSM_SIZE_MAX_MB &&
+           disk_mb <= FSM_SIZE_MAX_MB;
 }
 
 static bool

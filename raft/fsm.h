@@ -46,6 +46,16 @@ struct raft_fsm;
 /* How long (in command time) a request id is remembered for dedup. */
 #define FSM_DEDUP_KEEP_MS (15ull * 60 * 1000)
 
+/*
+ * The largest CPU count and memory or disk size (MB) that NODE_REGISTER
+ * and SANDBOX_PLACE accept; larger ones are -EINVAL. Sizes are stored in
+ * sqlite's signed 64-bit integers and summed into a node's allocation:
+ * bounding each (2^40 MB is far beyond any real machine) keeps every sum
+ * exact. (Added with the Raft tests; callers may validate against them.)
+ */
+#define FSM_CPUS_MAX (1u << 20)
+#define FSM_SIZE_MAX_MB (1ull << 40)
+
 /* Magic at the start of every snapshot. */
 #define FSM_SNAPSHOT_MAGIC "PDFSM001"
 
