@@ -26,7 +26,9 @@
  * CONNECT_TIMEOUT_MS (covers a black-holed address and a stuck TLS
  * handshake), a rejected certificate, a peer that is not an agent, a bad
  * frame or a dropped connection: the link closes and every open request on
- * it ends with a negative errno and no frame. Nothing is retried here,
+ * it ends with a negative errno and no frame. So does a link that stays
+ * silent DEAD_MS while requests are open, despite PINGs (a frozen agent or
+ * a host gone without a RST). Nothing is retried here,
  * since only the caller knows whether a request is safe to repeat; the next
  * request connects again.
  */
@@ -42,6 +44,11 @@
 #include "scheduler/sched.h"
 
 #define CONNECT_TIMEOUT_MS 3000
+/* With requests open, a link silent for PING_MS gets a PING; one silent
+ * for DEAD_MS is closed: a frozen or vanished agent host sends no RST, and
+ * a stream with no output is otherwise indistinguishable from it. */
+#define PING_MS 3000
+#define DEAD_MS 10000
 #define GRANT_BATCH (256u << 10)
 #define ADDR_MAX 128
 /* pd_enc_begin's placeholder: length (4), map32 tag and count (5). */
@@ -58,11 +65,14 @@ struct alink {
     char addr[ADDR_MAX];
     char subject[ADDR_MAX + 8];
     uv_timer_t timer;          /* connect deadline */
+    uv_timer_t ping;           /* liveness while requests are open */
+    uint64_t last_rx;          /* when the agent last sent anything */
     uv_connect_t creq;
     uv_tcp_t *tcp;             /* while TCP connects */
     struct pd_conn *conn;      /* from TCP up to its on_close */
     bool ready;                /* the agent's HELLO arrived */
     bool timed_out;
+    bool dead;                 /* closed by the liveness check */
     int handles;               /* timer, tcp or conn still open */
     struct pframe *pending, **pending_tail;
     size_t pending_bytes;
@@ -416,11 +426,33 @@ link_fail(struct alink *l, int err, const char *why)
 }
 
 static void
+on_ping_timer(uv_timer_t *t)
+{
+    struct alink *l = t->data;
+    uint64_t quiet = pd_now_ms() - l->last_rx;
+    struct pd_enc e;
+
+    if (l->conn == NULL || l->reqs == NULL)
+        return;
+    if (quiet >= DEAD_MS) {
+        l->dead = true;
+        pd_conn_close(l->conn, -ETIMEDOUT, "agent silent for %llu ms "
+                      "despite pings", (unsigned long long)quiet);
+        return;
+    }
+    if (quiet >= PING_MS) {
+        pd_enc_begin(&e, PD_MSG_PING, 0);
+        pd_conn_send(l->conn, &e);
+    }
+}
+
+static void
 link_on_msg(struct pd_conn *c, const struct pd_msg *m)
 {
     struct alink *l = pd_conn_data(c);
     struct sched_areq *q;
 
+    l->last_rx = pd_now_ms();
     if (m->type == PD_MSG_HELLO) {
         if (strcmp(pd_conn_peer_role(c), "agent") != 0) {
             pd_conn_close(c, -EPROTO, "peer says it is a \"%s\", not an "
@@ -429,6 +461,7 @@ link_on_msg(struct pd_conn *c, const struct pd_msg *m)
         }
         l->ready = true;
         uv_timer_stop(&l->timer);
+        uv_timer_start(&l->ping, on_ping_timer, PING_MS, PING_MS);
         pd_debug(l->subject, "connected to node %s", pd_conn_peer_name(c));
         return;
     }
@@ -457,10 +490,15 @@ link_on_close(struct pd_conn *c, int reason)
     l->conn = NULL;
     l->ready = false;
     l->handles--;
-    if (l->pool != NULL)
+    if (l->pool != NULL) {
         uv_timer_stop(&l->timer);
-    err = l->timed_out ? -ETIMEDOUT : reason != 0 ? reason : -ECONNRESET;
+        uv_timer_stop(&l->ping);
+    }
+    err = l->timed_out || l->dead ? -ETIMEDOUT
+          : reason != 0           ? reason
+                                  : -ECONNRESET;
     l->timed_out = false;
+    l->dead = false;
     link_fail(l, err, why);
     link_maybe_free(l);
 }
@@ -631,7 +669,9 @@ link_get(struct sched_agentc *p, const char *addr)
     l->pending_tail = &l->pending;
     uv_timer_init(p->s->loop, &l->timer);
     l->timer.data = l;
-    l->handles = 1;
+    uv_timer_init(p->s->loop, &l->ping);
+    l->ping.data = l;
+    l->handles = 2;
     l->next = p->links;
     p->links = l;
     return l;
@@ -670,6 +710,7 @@ sched_agentc_close(struct sched *s)
         link_fail(l, -ESHUTDOWN, "scheduler shutting down");
         l->pool = NULL;
         uv_close((uv_handle_t *)&l->timer, on_timer_closed);
+        uv_close((uv_handle_t *)&l->ping, on_timer_closed);
         if (l->tcp != NULL) {
             uv_close((uv_handle_t *)l->tcp, on_tcp_closed);
             l->tcp = NULL;
@@ -737,6 +778,9 @@ sched_agentc_send(struct sched *s, const char *rpc_addr, struct pd_enc *e,
     rv = link_send_buf(l, buf, len);
     if (rv != 0)
         return send_failed(q, rv);
+    /* Silence counts from when a reply is first awaited. */
+    if (l->reqs == NULL)
+        l->last_rx = pd_now_ms();
     q->link = l;
     q->next = l->reqs;
     l->reqs = q;

@@ -40,6 +40,7 @@ static struct {
     struct fstream *streams;
     int cancels;
     int conns;
+    int pings;
     uint64_t max_unacked; /* most read payload in flight without grant */
 } fa;
 
@@ -154,6 +155,9 @@ fa_on_msg(struct pd_conn *c, const struct pd_msg *m)
         return;
     case PD_MSG_CANCEL:
         fa.cancels++;
+        return;
+    case PD_MSG_PING:
+        fa.pings++; /* never answered: this agent is "frozen" */
         return;
     case PD_MSG_SHUTDOWN:
         pd_conn_close(c, -ECONNRESET, "scripted drop");
@@ -273,14 +277,14 @@ on_guard(uv_timer_t *t)
     fail_msg("test timed out");
 }
 
-/* Runs the loop until *flag becomes true (10 s at most). */
+/* Runs the loop until *flag reaches want (20 s at most). */
 static void
 run_until(const int *flag, int want)
 {
     uv_timer_t guard;
 
     uv_timer_init(fa.loop, &guard);
-    uv_timer_start(&guard, on_guard, 10000, 0);
+    uv_timer_start(&guard, on_guard, 20000, 0);
     while (*flag < want)
         uv_run(fa.loop, UV_RUN_ONCE);
     uv_close((uv_handle_t *)&guard, NULL);
@@ -546,6 +550,22 @@ test_connect_failures(void **state)
     assert_true(bad.status < 0);
 }
 
+/* A link that answers nothing, not even PINGs, fails its requests. */
+static void
+test_silent_agent(void **state)
+{
+    struct rec r = {0};
+    uint64_t t0 = pd_now_ms();
+
+    (void)state;
+    request(addr, PD_MSG_INFO, &r, 0);
+    run_until(&r.ends, 1);
+    assert_int_equal(r.status, -ETIMEDOUT);
+    assert_false(r.has_m);
+    assert_true(fa.pings >= 1);
+    assert_true(pd_now_ms() - t0 >= 9000);
+}
+
 static int
 teardown(void **state)
 {
@@ -582,6 +602,7 @@ main(void)
         cmocka_unit_test(test_multiplex_cancel),
         cmocka_unit_test(test_broken_link),
         cmocka_unit_test(test_connect_failures),
+        cmocka_unit_test(test_silent_agent),
     };
 
     pd_log_init("test_agentc", PD_LOG_WARN);
