@@ -29,8 +29,7 @@ static unsigned runs;
 static unsigned char *
 wrap(const uint8_t *body, size_t n, size_t *len)
 {
-    size_t padded = (4 + n + FSM_CMD_ALIGN - 1) / FSM_CMD_ALIGN *
-                    FSM_CMD_ALIGN;
+    size_t padded = (4 + n + FSM_CMD_ALIGN - 1) / FSM_CMD_ALIGN * FSM_CMD_ALIGN;
     unsigned char *p = calloc(1, padded);
 
     if (p == NULL)

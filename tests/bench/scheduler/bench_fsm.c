@@ -71,8 +71,8 @@ register_nodes(struct fsm *f)
 static struct entry *
 encode_places(size_t from, size_t n)
 {
-    static const char *const env[] = {"PATH", "/usr/bin:/bin", "HOME",
-                                      "/workspace", "LANG", "C.UTF-8"};
+    static const char *const env[] = {"PATH",       "/usr/bin:/bin", "HOME",
+                                      "/workspace", "LANG",          "C.UTF-8"};
     static const char *const labels[] = {"team", "search", "env", "ci"};
     struct entry *v = calloc(n, sizeof(*v));
 
@@ -80,8 +80,7 @@ encode_places(size_t from, size_t n)
         struct fsm_cmd c;
 
         fsm_cmd_init(&c, FSM_CMD_SANDBOX_PLACE);
-        snprintf(c.u.place.sandbox, FSM_ID_MAX + 1, "sandbox-%07zu",
-                 from + i);
+        snprintf(c.u.place.sandbox, FSM_ID_MAX + 1, "sandbox-%07zu", from + i);
         strcpy(c.u.place.tenant, "tenant-a");
         snprintf(c.u.place.node, FSM_ID_MAX + 1, "node-%04zu",
                  (from + i) % NODES);
@@ -116,8 +115,7 @@ apply_all(struct fsm *f, const struct entry *v, size_t n)
     struct fsm_result res;
 
     for (size_t i = 0; i < n; i++) {
-        if (fsm_apply_buf(f, v[i].buf, v[i].len, &res) != 0 ||
-            res.code != 0)
+        if (fsm_apply_buf(f, v[i].buf, v[i].len, &res) != 0 || res.code != 0)
             die("apply", res.message);
     }
     return (double)n / ((double)(pd_now_ns() - start) / 1e9);
@@ -202,8 +200,7 @@ main(int argc, char **argv)
     snprintf(label, sizeof(label), "snapshot of %zu sandboxes", n);
     printf("  %-44s %10.1f MB\n", label, (double)snap_len / 1e6);
     printf("  %-44s %10.1f KB\n", "capacity index (1,000 nodes)",
-           (double)(fsm_node_index(f)->n * sizeof(struct fsm_node_cap)) /
-               1e3);
+           (double)(fsm_node_index(f)->n * sizeof(struct fsm_node_cap)) / 1e3);
     free(snap);
     free_entries(first, half);
     free_entries(rest, n - half);

@@ -34,8 +34,8 @@ cluster(size_t nodes)
     for (size_t i = 0; i < nodes; i++) {
         fsm_cmd_init(&c, FSM_CMD_NODE_REGISTER);
         snprintf(c.u.node_register.node, FSM_ID_MAX + 1, "node-%05zu", i);
-        snprintf(c.u.node_register.rpc_addr, FSM_ADDR_MAX + 1,
-                 "127.0.0.1:%zu", 20000 + i);
+        snprintf(c.u.node_register.rpc_addr, FSM_ADDR_MAX + 1, "127.0.0.1:%zu",
+                 20000 + i);
         /* Mixed sizes, so scores differ and ties are rare. */
         c.u.node_register.cpus = 16 + (uint32_t)(i % 7) * 8;
         c.u.node_register.memory_mb = 65536 + (i % 5) * 16384;
@@ -129,8 +129,7 @@ end_to_end(struct fsm *f, struct sched_place_req *r, size_t count)
             fprintf(stderr, "bench_placement: place: %s\n", res.message);
             exit(1);
         }
-        fsm_node_reserve(f, out.node, r->cpus, r->memory_mb, r->disk_mb,
-                         -1);
+        fsm_node_reserve(f, out.node, r->cpus, r->memory_mb, r->disk_mb, -1);
     }
     return (double)count / ((double)(pd_now_ns() - start) / 1e9);
 }
@@ -140,16 +139,16 @@ main(int argc, char **argv)
 {
     size_t nodes = argc > 1 ? strtoul(argv[1], NULL, 10) : 1000;
     struct fsm_kv zone = {.key = "zone", .value = "a"};
-    struct sched_place_req r = {.sandbox = "bench", .cpus = 1,
-                                .memory_mb = 512, .disk_mb = 1024};
+    struct sched_place_req r = {
+        .sandbox = "bench", .cpus = 1, .memory_mb = 512, .disk_mb = 1024};
     struct fsm *f;
     double base;
 
     if (nodes == 0)
         nodes = 1000;
     f = cluster(nodes);
-    printf("placement over %zu nodes (decisions/s, %.0f s per case)\n",
-           nodes, SECS);
+    printf("placement over %zu nodes (decisions/s, %.0f s per case)\n", nodes,
+           SECS);
     base = scan_rate(fsm_node_index(f));
     printf("  %-34s %12.0f\n", "baseline: bare scan of the index", base);
     r.strategy = SCHED_BINPACK;

@@ -207,8 +207,7 @@ raw_header(struct raw *r, uint32_t nbody, uint64_t type)
 static unsigned char *
 entry_of(const void *body, size_t n, size_t *len)
 {
-    size_t padded = (4 + n + FSM_CMD_ALIGN - 1) / FSM_CMD_ALIGN *
-                    FSM_CMD_ALIGN;
+    size_t padded = (4 + n + FSM_CMD_ALIGN - 1) / FSM_CMD_ALIGN * FSM_CMD_ALIGN;
     unsigned char *p = calloc(1, padded);
 
     assert_non_null(p);
@@ -746,13 +745,11 @@ test_names(void **state)
     struct fsm_rid a, b;
 
     (void)state;
-    assert_string_equal(fsm_cmd_name(FSM_CMD_SANDBOX_PLACE),
-                        "SANDBOX_PLACE");
+    assert_string_equal(fsm_cmd_name(FSM_CMD_SANDBOX_PLACE), "SANDBOX_PLACE");
     assert_string_equal(fsm_cmd_name(0), "UNKNOWN");
     assert_string_equal(fsm_cmd_name(FSM_CMD_TYPE_MAX + 1), "UNKNOWN");
     for (int s = 0; s < FSM_SB_NSTATES; s++)
-        assert_int_equal(fsm_sandbox_state_parse(fsm_sandbox_state_name(s)),
-                         s);
+        assert_int_equal(fsm_sandbox_state_parse(fsm_sandbox_state_name(s)), s);
     assert_string_equal(fsm_sandbox_state_name(-1), "unknown");
     assert_string_equal(fsm_sandbox_state_name(FSM_SB_NSTATES), "unknown");
     assert_int_equal(fsm_sandbox_state_parse("unknown"), -EINVAL);

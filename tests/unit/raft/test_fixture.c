@@ -20,7 +20,7 @@
 
 #include "helpers.h"
 
-#define N 3
+#define N       3
 #define WAIT_MS 10000 /* virtual time: generous, costs no real time */
 
 /* One proposal in flight. */
@@ -110,9 +110,8 @@ propose_buf(struct cluster *c, const void *buf, size_t len,
     b.len = len;
     b.base = raft_malloc(len);
     memcpy(b.base, buf, len);
-    assert_int_equal(raft_apply(raft_fixture_get(&c->fx, l), &r->apply, &b,
-                                1, apply_cb),
-                     0);
+    assert_int_equal(
+        raft_apply(raft_fixture_get(&c->fx, l), &r->apply, &b, 1, apply_cb), 0);
 }
 
 static void
@@ -154,8 +153,8 @@ converge(struct cluster *c)
 
     for (unsigned i = 0; i < N; i++) {
         if (raft_fixture_alive(&c->fx, i))
-            assert_true(raft_fixture_step_until_applied(&c->fx, i, last,
-                                                        WAIT_MS));
+            assert_true(
+                raft_fixture_step_until_applied(&c->fx, i, last, WAIT_MS));
     }
 }
 
@@ -346,8 +345,7 @@ test_snapshot_install(void **state)
     raft_fixture_revive(&c->fx, 2);
     converge(c);
 
-    assert_true(raft_fixture_n_recv(&c->fx, 2, RAFT_IO_INSTALL_SNAPSHOT) >=
-                1);
+    assert_true(raft_fixture_n_recv(&c->fx, 2, RAFT_IO_INSTALL_SNAPSHOT) >= 1);
     assert_equal_states(c);
     assert_int_equal(count_sandboxes(c->fsm[2]), 32);
 

@@ -67,8 +67,7 @@ kv1(const char *k, const char *v)
 }
 
 static void
-reg(struct fsm *f, const char *node, uint32_t cpus, uint64_t mem,
-    uint64_t disk)
+reg(struct fsm *f, const char *node, uint32_t cpus, uint64_t mem, uint64_t disk)
 {
     struct fsm_cmd c;
 
@@ -1074,8 +1073,8 @@ make_log(size_t n, uint64_t seed)
         } else if (k < 80) {
             mk_sandbox(&c, sb);
         } else if (k < 85) {
-            mk_port(&c, rnd(&s) % 2 ? FSM_CMD_PORT_EXPOSE
-                                    : FSM_CMD_PORT_UNEXPOSE,
+            mk_port(&c,
+                    rnd(&s) % 2 ? FSM_CMD_PORT_EXPOSE : FSM_CMD_PORT_UNEXPOSE,
                     sb, 1 + rnd(&s) % 3);
         } else if (k < 90) {
             mk_token(&c, FSM_CMD_TOKEN_CREATE, jti, "acme", "tenant",
@@ -1261,8 +1260,7 @@ test_sandbox_list(void **state)
     reg(f, "n2", 64, 65536, 65536);
     for (int i = 0; i < 10; i++) {
         snprintf(id, sizeof(id), "s%d", i);
-        mk_place(&c, id, i < 7 ? "acme" : "beta", i % 2 ? "n1" : "n2", 1,
-                 1, 1);
+        mk_place(&c, id, i < 7 ? "acme" : "beta", i % 2 ? "n1" : "n2", 1, 1, 1);
         c.u.place.spec.labels = kv1("parity", i % 2 ? "odd" : "even");
         c.u.place.spec.n_labels = 1;
         assert_int_equal(ap_code(f, &c), 0);

@@ -29,7 +29,7 @@
 #include "raft/node.h"
 
 #define WAIT_MS 20000
-#define MAXN 3
+#define MAXN    3
 
 /* ---- Loop helpers ------------------------------------------------------ */
 
@@ -41,8 +41,7 @@ tick_cb(uv_timer_t *t)
 
 /* Runs the loop until cond(arg) or timeout_ms of real time; returns cond. */
 static bool
-run_until(uv_loop_t *loop, bool (*cond)(void *), void *arg,
-          unsigned timeout_ms)
+run_until(uv_loop_t *loop, bool (*cond)(void *), void *arg, unsigned timeout_ms)
 {
     uint64_t deadline = pd_now_ms() + timeout_ms;
     uv_timer_t tick;
@@ -185,9 +184,8 @@ member_start(struct world *w, size_t i, size_t n_boot, unsigned snap)
     cfg.heartbeat_timeout_ms = 50;
     cfg.snapshot_threshold = snap;
     cfg.snapshot_trailing = snap != 0 ? 8 : 0;
-    assert_int_equal(raftnode_new(&m->node, &w->loop, m->fsm, &cfg, err,
-                                  sizeof(err)),
-                     0);
+    assert_int_equal(
+        raftnode_new(&m->node, &w->loop, m->fsm, &cfg, err, sizeof(err)), 0);
     assert_int_equal(raftnode_start(m->node), 0);
 }
 
@@ -285,8 +283,7 @@ propose_wait(struct world *w, struct member *m, struct fsm_cmd *c)
  * of 8: only the padding keeps the segments loadable.
  */
 static void
-propose_workload(struct world *w, struct member *m, const char *prefix,
-                 int n)
+propose_workload(struct world *w, struct member *m, const char *prefix, int n)
 {
     struct batch b = {0};
     struct fsm_cmd c;
@@ -296,8 +293,7 @@ propose_workload(struct world *w, struct member *m, const char *prefix,
     mk_register(&c, node, 10000, 1 << 30, 1 << 30);
     assert_int_equal(propose_wait(w, m, &c), 0);
     for (int i = 0; i < n; i++) {
-        snprintf(sb, sizeof(sb), "%s-%.*s%d", prefix, i % 9, "abcdefghi",
-                 i);
+        snprintf(sb, sizeof(sb), "%s-%.*s%d", prefix, i % 9, "abcdefghi", i);
         mk_place(&c, sb, "acme", node, 1, 1 + (uint64_t)i, 1);
         b.pending++;
         assert_int_equal(raftnode_propose(m->node, &c, batch_cb, &b), 0);
@@ -444,9 +440,8 @@ test_unpadded_entry_fails_loudly(void **state)
     buf.base = raft_malloc(buf.len);
     memset(buf.base, 0x42, buf.len);
     req.data = &status;
-    assert_int_equal(raft_apply(raftnode_raft(m->node), &req, &buf, 1,
-                                apply_raw_cb),
-                     0);
+    assert_int_equal(
+        raft_apply(raftnode_raft(m->node), &req, &buf, 1, apply_raw_cb), 0);
     assert_true(run_until(&w->loop, int_set, &status, WAIT_MS));
     member_stop(w, m, false);
 
@@ -458,9 +453,8 @@ test_unpadded_entry_fails_loudly(void **state)
     cfg.address = m->addr;
     cfg.bootstrap = &peer;
     cfg.n_bootstrap = 1;
-    assert_int_equal(raftnode_new(&m->node, &w->loop, m->fsm, &cfg, err,
-                                  sizeof(err)),
-                     0);
+    assert_int_equal(
+        raftnode_new(&m->node, &w->loop, m->fsm, &cfg, err, sizeof(err)), 0);
     rv = raftnode_start(m->node);
     if (rv == 0)
         fail_msg("raft loaded a segment with an unpadded entry: the trap "
@@ -516,8 +510,7 @@ test_three_members(void **state)
     }
 
     /* Transfer to a chosen member. */
-    assert_int_equal(raftnode_transfer(l->node, target->id, NULL, NULL),
-                     0);
+    assert_int_equal(raftnode_transfer(l->node, target->id, NULL, NULL), 0);
     l = wait_leader(w, 3);
     assert_ptr_equal(l, target);
     raftnode_status(l->node, &st);
@@ -589,14 +582,12 @@ test_membership(void **state)
     member_start(w, 1, 0, 0); /* joins: no bootstrap */
     member_start(w, 2, 0, 0);
 
-    assert_int_equal(raftnode_add(a->node, b->id, b->addr, change_cb, &ch),
-                     0);
+    assert_int_equal(raftnode_add(a->node, b->id, b->addr, change_cb, &ch), 0);
     /* One change at a time. */
     assert_int_equal(raftnode_add(a->node, 3, w->m[2].addr, change_cb, &ch2),
                      -EBUSY);
     assert_non_null(strstr(raftnode_errmsg(a->node), "one change at a"));
-    assert_int_equal(raftnode_remove(a->node, b->id, change_cb, &ch2),
-                     -EBUSY);
+    assert_int_equal(raftnode_remove(a->node, b->id, change_cb, &ch2), -EBUSY);
     assert_true(run_until(&w->loop, change_done, &ch, WAIT_MS));
     assert_int_equal(ch.status, 0);
     assert_false(ch2.done);
@@ -612,14 +603,12 @@ test_membership(void **state)
     assert_int_equal(rv, -EEXIST);
     rv = raftnode_add(a->node, 9, b->addr, change_cb, &ch2);
     assert_int_equal(rv, -EEXIST);
-    assert_int_equal(raftnode_add(a->node, 0, "127.0.0.1:1", change_cb,
-                                  &ch2),
+    assert_int_equal(raftnode_add(a->node, 0, "127.0.0.1:1", change_cb, &ch2),
                      -EINVAL);
 
     /* A third member, then it leaves again. */
     memset(&ch, 0, sizeof(ch));
-    assert_int_equal(raftnode_add(a->node, 3, w->m[2].addr, change_cb, &ch),
-                     0);
+    assert_int_equal(raftnode_add(a->node, 3, w->m[2].addr, change_cb, &ch), 0);
     assert_true(run_until(&w->loop, change_done, &ch, WAIT_MS));
     assert_int_equal(ch.status, 0);
     assert_int_equal(voter_count(a->node), 3);
@@ -703,8 +692,7 @@ test_errors(void **state)
     /* Created, never started: proposals are refused and close still
      * releases everything. */
     cfg.address = w->m[0].addr;
-    assert_int_equal(raftnode_new(&n, &w->loop, f, &cfg, err, sizeof(err)),
-                     0);
+    assert_int_equal(raftnode_new(&n, &w->loop, f, &cfg, err, sizeof(err)), 0);
     mk_register(&c, "n1", 1, 1, 1);
     assert_int_equal(raftnode_propose(n, &c, batch_cb, NULL),
                      RAFTNODE_ESHUTDOWN);
@@ -746,12 +734,9 @@ int
 main(void)
 {
     const struct CMUnitTest tests[] = {
-        T(test_restart_from_disk),
-        T(test_unpadded_entry_fails_loudly),
-        T(test_three_members),
-        T(test_membership),
-        T(test_add_unreachable),
-        T(test_errors),
+        T(test_restart_from_disk), T(test_unpadded_entry_fails_loudly),
+        T(test_three_members),     T(test_membership),
+        T(test_add_unreachable),   T(test_errors),
     };
 
 #ifdef TEST_NODE_TRAP

@@ -62,8 +62,10 @@ set_labels(struct nodes *ns, struct fsm_node_cap *c, const char *lines)
 static struct sched_place_req
 req(uint32_t cpus, uint64_t mem, uint64_t disk, enum sched_strategy s)
 {
-    struct sched_place_req r = {.sandbox = "sb", .cpus = cpus,
-                                .memory_mb = mem, .disk_mb = disk,
+    struct sched_place_req r = {.sandbox = "sb",
+                                .cpus = cpus,
+                                .memory_mb = mem,
+                                .disk_mb = disk,
                                 .strategy = s};
 
     return r;
@@ -113,8 +115,8 @@ test_binpack_vs_spread(void **state)
      * resource and empty on the others is not "fuller" than one half
      * used on all three. */
     ns.idx.n = 0;
-    add(&ns, "p", 8, 8192, 8192, 7, 0, 0);        /* 1/8 cpu free */
-    add(&ns, "q", 8, 8192, 8192, 4, 4096, 4096);  /* half of each */
+    add(&ns, "p", 8, 8192, 8192, 7, 0, 0);       /* 1/8 cpu free */
+    add(&ns, "q", 8, 8192, 8192, 4, 4096, 4096); /* half of each */
     r = req(1, 1, 1, SCHED_BINPACK);
     assert_string_equal(choose(&ns, &r), "q");
     r.strategy = SCHED_SPREAD;
@@ -171,8 +173,7 @@ test_labels(void **state)
     r.n_constraints = 2;
     assert_string_equal(choose(&ns, &r), "n3");
     want[1].value = "no";
-    assert_int_equal(sched_place(&ns.idx, &r, &out, why, sizeof(why)),
-                     -ENOSPC);
+    assert_int_equal(sched_place(&ns.idx, &r, &out, why, sizeof(why)), -ENOSPC);
     assert_string_equal(why, "no node fits: 5 nodes without the required "
                              "labels");
 }
@@ -200,8 +201,7 @@ test_draining_and_down_excluded(void **state)
     assert_int_equal(out.feasible, 1);
 
     ns.v[2].draining = true;
-    assert_int_equal(sched_place(&ns.idx, &r, &out, why, sizeof(why)),
-                     -ENOSPC);
+    assert_int_equal(sched_place(&ns.idx, &r, &out, why, sizeof(why)), -ENOSPC);
     assert_string_equal(why, "no node fits: 2 nodes draining, 1 node down");
     assert_string_equal(out.node, "");
 }
@@ -224,8 +224,7 @@ test_reservations(void **state)
     a->resv_cpus = 1;
     assert_string_equal(choose(&ns, &r), "b");
     ns.v[1].resv_memory_mb = 3500;
-    assert_int_equal(sched_place(&ns.idx, &r, &out, why, sizeof(why)),
-                     -ENOSPC);
+    assert_int_equal(sched_place(&ns.idx, &r, &out, why, sizeof(why)), -ENOSPC);
     assert_string_equal(why, "no node fits: 1 node lacks CPU (need 2, most "
                              "free 1), 1 node lacks memory (need 1024 MB, "
                              "most free 596 MB)");
@@ -248,8 +247,7 @@ test_why(void **state)
 
     (void)state;
     r = req(2, 4096, 10000, SCHED_BINPACK);
-    assert_int_equal(sched_place(&ns.idx, &r, &out, why, sizeof(why)),
-                     -ENOSPC);
+    assert_int_equal(sched_place(&ns.idx, &r, &out, why, sizeof(why)), -ENOSPC);
     assert_string_equal(why, "no node fits: no node is registered");
 
     add(&ns, "a", 8, 2048, 100000, 0, 0, 0);    /* memory */
@@ -257,8 +255,7 @@ test_why(void **state)
     add(&ns, "c", 1, 8192, 5000, 0, 0, 0);      /* cpu and disk */
     add(&ns, "d", 8, 8192, 100000, 0, 0, 0)->draining = true;
     add(&ns, "e", 8, 8192, 100000, 0, 0, 0)->ready = false;
-    assert_int_equal(sched_place(&ns.idx, &r, &out, why, sizeof(why)),
-                     -ENOSPC);
+    assert_int_equal(sched_place(&ns.idx, &r, &out, why, sizeof(why)), -ENOSPC);
     assert_string_equal(why,
                         "no node fits: 1 node lacks CPU (need 2, most free "
                         "1), 2 nodes lack memory (need 4096 MB, most free "
@@ -269,8 +266,7 @@ test_why(void **state)
     /* Labels are checked before resources: such a node counts once. */
     r.constraints = &zone;
     r.n_constraints = 1;
-    assert_int_equal(sched_place(&ns.idx, &r, &out, why, sizeof(why)),
-                     -ENOSPC);
+    assert_int_equal(sched_place(&ns.idx, &r, &out, why, sizeof(why)), -ENOSPC);
     assert_string_equal(why, "no node fits: 3 nodes without the required "
                              "labels, 1 node draining, 1 node down");
 
@@ -293,19 +289,15 @@ test_bad_requests(void **state)
     (void)state;
     add(&ns, "a", 8, 8192, 8192, 0, 0, 0);
     r = req(0, 1, 1, SCHED_BINPACK);
-    assert_int_equal(sched_place(&ns.idx, &r, &out, why, sizeof(why)),
-                     -EINVAL);
+    assert_int_equal(sched_place(&ns.idx, &r, &out, why, sizeof(why)), -EINVAL);
     assert_true(why[0] != '\0');
     r = req(1, 0, 1, SCHED_BINPACK);
-    assert_int_equal(sched_place(&ns.idx, &r, &out, why, sizeof(why)),
-                     -EINVAL);
+    assert_int_equal(sched_place(&ns.idx, &r, &out, why, sizeof(why)), -EINVAL);
     r = req(1, 1, 0, SCHED_BINPACK);
-    assert_int_equal(sched_place(&ns.idx, &r, &out, why, sizeof(why)),
-                     -EINVAL);
+    assert_int_equal(sched_place(&ns.idx, &r, &out, why, sizeof(why)), -EINVAL);
     r = req(1, 1, 1, SCHED_BINPACK);
     r.n_constraints = FSM_KV_MAX + 1;
-    assert_int_equal(sched_place(&ns.idx, &r, &out, why, sizeof(why)),
-                     -EINVAL);
+    assert_int_equal(sched_place(&ns.idx, &r, &out, why, sizeof(why)), -EINVAL);
     r.n_constraints = 0;
     r.sandbox = NULL; /* only used by the trace */
     assert_int_equal(sched_place(&ns.idx, &r, &out, why, sizeof(why)), 0);
@@ -362,9 +354,9 @@ test_fill_real_fsm(void **state)
         if (rv == -ENOSPC)
             break;
         assert_int_equal(rv, 0);
-        assert_int_equal(fsm_node_reserve(f, out.node, r.cpus, r.memory_mb,
-                                          r.disk_mb, 1),
-                         0);
+        assert_int_equal(
+            fsm_node_reserve(f, out.node, r.cpus, r.memory_mb, r.disk_mb, 1),
+            0);
         fsm_cmd_init(&c, FSM_CMD_SANDBOX_PLACE);
         snprintf(c.u.place.sandbox, FSM_ID_MAX + 1, "sb-%d", i);
         strcpy(c.u.place.tenant, "acme");
@@ -374,9 +366,9 @@ test_fill_real_fsm(void **state)
         c.u.place.spec.disk_mb = r.disk_mb;
         strcpy(c.u.place.spec.egress, "none");
         assert_int_equal(apply(f, &c), 0);
-        assert_int_equal(fsm_node_reserve(f, out.node, r.cpus, r.memory_mb,
-                                          r.disk_mb, -1),
-                         0);
+        assert_int_equal(
+            fsm_node_reserve(f, out.node, r.cpus, r.memory_mb, r.disk_mb, -1),
+            0);
         placed++;
     }
     assert_int_equal(placed, 20);
