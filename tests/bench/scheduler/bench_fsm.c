@@ -162,7 +162,8 @@ main(int argc, char **argv)
     struct entry *first, *rest;
     sqlite3_int64 mem0, mem1;
     size_t half, snap_len;
-    struct fsm *f;
+    struct fsm *f, *g = NULL;
+    uint64_t t0, t1, t2;
     char err[256], label[64];
     void *snap;
     double r1, r2;
@@ -190,8 +191,21 @@ main(int argc, char **argv)
     snprintf(label, sizeof(label), "apply PLACE, sandboxes 10,000 to %zu", n);
     printf("  %-44s %10.0f/s\n", label, r2);
 
+    t0 = pd_now_ns();
     if (fsm_snapshot_bytes(f, &snap, &snap_len) != 0)
         die("snapshot", fsm_errmsg(f));
+    t1 = pd_now_ns();
+    if (fsm_new(&g, err, sizeof(err)) != 0)
+        die("fsm", err);
+    if (fsm_restore_bytes(g, snap, snap_len) != 0)
+        die("restore", fsm_errmsg(g));
+    t2 = pd_now_ns();
+    printf("snapshots (%zu sandboxes; both block the loop)\n", n);
+    printf("  %-44s %10.1f ms\n", "take (sqlite3_serialize)",
+           (double)(t1 - t0) / 1e6);
+    printf("  %-44s %10.1f ms\n", "restore (deserialize, check, index)",
+           (double)(t2 - t1) / 1e6);
+    fsm_free(g);
     printf("memory\n");
     printf("  %-44s %10.1f MB\n", "sqlite heap per 10,000 sandboxes",
            (double)(mem1 - mem0) / 1e6);
