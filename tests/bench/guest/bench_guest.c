@@ -4,13 +4,15 @@
  *
  *   boot      QEMU start to the agent's HELLO, beside QEMU start to exit
  *             of the same kernel with the trivial initramfs (its /init
- *             reboots at once); also the agent's own "ready in N ms".
+ *             powers off at once), same QEMU argv and devices; also the
+ *             agent's own "ready in N ms" (PID 1 start to serving).
  *   exec      round trip of EXEC `true`, p50 and p99, beside PING (the
  *             channel and the agent's loop without a process).
- *   files     FILE_WRITE and FILE_READ of --mb MiB in /workspace, beside
- *             the raw throughput of a second port on the same
- *             virtio-serial device (no framing, no agent: busybox dd
- *             writes to or reads from /dev/virtio-ports/org.paddock.raw).
+ *   files     FILE_WRITE and FILE_READ of --mb MiB in /workspace and in
+ *             /tmp (tmpfs: the agent without the disk), beside the raw
+ *             throughput of a second port on the same virtio-serial
+ *             device (no framing, no agent: busybox dd writes to or reads
+ *             from /dev/virtio-ports/org.paddock.raw in 1 MiB blocks).
  *
  *   bench_guest [--kernel K] [--initrd I] [--trivial T] [--boots N]
  *               [--execs N] [--mb N] [--dir D]
@@ -247,6 +249,21 @@ bench_boots(void)
 
 /* ---- the session: one step after another ---------------------------------- */
 
+/* The steps of the session, in order. */
+enum {
+    S_START,
+    S_PING,
+    S_EXEC,
+    S_WRITE_WS, /* FILE_WRITE to /workspace (ext4 on virtio-blk) */
+    S_READ_WS,
+    S_WRITE_TMP, /* the same to /tmp (tmpfs): the agent without the disk */
+    S_READ_TMP,
+    S_RAW_OUT,  /* guest to host on the raw port */
+    S_RAW_IN,
+    S_REPORT,   /* print, then SHUTDOWN */
+    S_OFF,
+};
+
 static uv_loop_t *loop;
 static struct guestc *gc;
 static uv_timer_t step_timer;
@@ -298,7 +315,7 @@ rtt_one(void)
     struct guestc_exec x = {.argv = argv};
 
     t_req = pd_now_ns();
-    if (step == 1)
+    if (step == S_PING)
         guestc_ping(gc, &cb, NULL);
     else
         guestc_exec(gc, &x, &cb, NULL);
@@ -451,13 +468,60 @@ raw_exec(bool out)
     guestc_exec(gc, &x, &cb, NULL);
 }
 
-static uint64_t file_w_ns, file_r_ns, raw_out_ns, raw_in_ns;
-static uint64_t file_w_b, file_r_b, raw_out_b, raw_in_b;
+static uint64_t took_ns[S_OFF], moved[S_OFF];
 
-/*
- * Steps: 1 PING x execs, 2 EXEC true x execs, 3 file write, 4 file read,
- * 5 raw guest-to-host, 6 raw host-to-guest, 7 report and power off.
- */
+static const char *
+step_path(void)
+{
+    return step <= S_READ_WS ? "/workspace/bench.bin" : "/tmp/bench.bin";
+}
+
+/* Records what the step that just ended measured. */
+static void
+step_end(void)
+{
+    uint64_t now = pd_now_ns();
+
+    switch (step) {
+    case S_PING:
+        rtt_report("PING (channel and loop)");
+        return;
+    case S_EXEC:
+        rtt_report("EXEC true (fork, exec, reap)");
+        return;
+    case S_RAW_OUT:
+        pthread_join(raw_thread, NULL);
+        now = raw_done_ns; /* when the last byte reached the host */
+        break;
+    case S_RAW_IN:
+        pthread_join(raw_thread, NULL);
+        break;
+    default:
+        break;
+    }
+    took_ns[step] = now - t_step;
+    moved[step] = bytes;
+}
+
+static void
+row(const char *what, int s)
+{
+    printf("  %-36s: %7.1f MiB/s\n", what, mib_s(moved[s], took_ns[s]));
+}
+
+static void
+report(void)
+{
+    printf("throughput (%u MiB each way, one transfer at a time):\n",
+           opt.mb);
+    row("file write, host to /workspace", S_WRITE_WS);
+    row("file write, host to /tmp (tmpfs)", S_WRITE_TMP);
+    row("raw port, host to guest", S_RAW_IN);
+    row("file read, /workspace to host", S_READ_WS);
+    row("file read, /tmp (tmpfs) to host", S_READ_TMP);
+    row("raw port, guest to host", S_RAW_OUT);
+}
+
 static void
 next_step(void)
 {
@@ -467,88 +531,54 @@ next_step(void)
     static const struct guestc_req_cb rcb = {.on_data = read_data,
                                              .on_reply = step_done_reply,
                                              .on_error = req_error};
-    uint64_t now = pd_now_ns();
+    static const struct guestc_req_cb offcb = {.on_reply = step_done_reply,
+                                               .on_error = req_error};
     struct guestc_req *r;
 
-    if (step >= 7) {
-        step++; /* the OK of SHUTDOWN: the VM powers off next */
+    if (step >= S_REPORT) {
+        step = S_OFF; /* the OK of SHUTDOWN: the VM powers off next */
         return;
     }
-    switch (step) {
-    case 1:
-        rtt_report("PING (channel and loop)");
-        break;
-    case 2:
-        rtt_report("EXEC true (fork, exec, reap)");
-        break;
-    case 3:
-        file_w_ns = now - t_step;
-        file_w_b = bytes;
-        break;
-    case 4:
-        file_r_ns = now - t_step;
-        file_r_b = bytes;
-        break;
-    case 5:
-        pthread_join(raw_thread, NULL);
-        raw_out_ns = raw_done_ns - t_step;
-        raw_out_b = bytes;
-        break;
-    case 6:
-        pthread_join(raw_thread, NULL);
-        raw_in_ns = now - t_step;
-        raw_in_b = bytes;
-        break;
-    default:
-        break;
-    }
+    step_end();
     step++;
     count = 0;
     bytes = 0;
     uv_timer_start(&step_timer, step_timeout, STEP_TIMEOUT_MS, 0);
     t_step = pd_now_ns();
     switch (step) {
-    case 1:
+    case S_PING:
         printf("round trips (%d each, one at a time):\n", opt.execs);
-    /* fall through */
-    case 2:
         rtt_one();
         return;
-    case 3:
-        r = guestc_file_write(gc, "/workspace/bench.bin", 0644, false, &wcb,
-                              NULL);
+    case S_EXEC:
+        rtt_one();
+        return;
+    case S_WRITE_WS:
+    case S_WRITE_TMP:
+        r = guestc_file_write(gc, step_path(), 0644, false, &wcb, NULL);
         if (r != NULL)
             write_pump(r);
         return;
-    case 4:
-        guestc_file_read(gc, "/workspace/bench.bin", &rcb, NULL);
+    case S_READ_WS:
+    case S_READ_TMP:
+        guestc_file_read(gc, step_path(), &rcb, NULL);
         return;
-    case 5:
+    case S_RAW_OUT:
         raw_connect();
         pthread_create(&raw_thread, NULL, raw_reader, NULL);
         raw_exec(true);
         return;
-    case 6:
+    case S_RAW_IN:
         pthread_create(&raw_thread, NULL, raw_writer, NULL);
         raw_exec(false);
         return;
-    default: /* 7: report and power off */
+    default:
         break;
     }
-    printf("throughput (%u MiB each way):\n", opt.mb);
-    printf("  file write, host to /workspace : %7.1f MiB/s\n",
-           mib_s(file_w_b, file_w_ns));
-    printf("  raw port, host to guest        : %7.1f MiB/s\n",
-           mib_s(raw_in_b, raw_in_ns));
-    printf("  file read, /workspace to host  : %7.1f MiB/s\n",
-           mib_s(file_r_b, file_r_ns));
-    printf("  raw port, guest to host        : %7.1f MiB/s\n",
-           mib_s(raw_out_b, raw_out_ns));
+    report();
     uv_timer_stop(&step_timer);
     uv_close((uv_handle_t *)&step_timer, NULL);
-    guestc_shutdown(gc, &(const struct guestc_req_cb){
-                            .on_reply = step_done_reply,
-                            .on_error = req_error}, NULL);
+    guestc_shutdown(gc, &offcb, NULL);
 }
 
 static void
@@ -562,7 +592,7 @@ static void
 on_close(struct guestc *g, int reason, const char *why)
 {
     (void)g;
-    if (reason != 0 && step < 7)
+    if (reason != 0 && step < S_REPORT)
         die("connection to the guest closed: %s", why);
     gc = NULL;
 }
