@@ -991,8 +991,14 @@ on_request(struct pd_http_req *r, void *arg)
         pd_http_respond_error(r, 503, "unavailable", "shutting down");
         return;
     }
-    if (!no_auth(path) && sched_auth_request(s, r, &call.who) != 0)
+    if (pd_http_req_injected(r) &&
+        pd_http_req_header(r, SCHED_INTERNAL_HEADER) != NULL) {
+        /* Another scheduler's own request, over the mutual-TLS link. */
+        call.who.role = SCHED_ROLE_ADMIN;
+        pd_strlcpy(call.who.tenant, "scheduler", sizeof(call.who.tenant));
+    } else if (!no_auth(path) && sched_auth_request(s, r, &call.who) != 0) {
         return;
+    }
     if (rt == NULL) {
         pd_http_dispatch(r, routes, nroutes, &call);
         return;

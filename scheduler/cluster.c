@@ -27,6 +27,7 @@
 #include "scheduler/sched.h"
 
 #define MEMBER_RETRY_MS 500
+#define SELF_CHECK_MS   1000
 
 static struct {
     struct sched *s;
@@ -35,6 +36,8 @@ static struct {
     bool member_ok;          /* own MEMBER_SET applied this term */
     uint64_t member_term;
     bool change_busy;        /* a membership change is in flight */
+    uv_timer_t self_check;   /* follower: are our addresses recorded? */
+    bool self_inflight;
     void (*handover_done)(void *data);
     void *handover_data;
 } cl;
@@ -121,6 +124,51 @@ propose_self(struct sched *s)
                 strerror(-rv), MEMBER_RETRY_MS);
         uv_timer_start(&cl.retry, on_retry, MEMBER_RETRY_MS, 0);
     }
+}
+
+/*
+ * A follower whose addresses the members table lacks (a bootstrap member
+ * that never led, or one whose addresses changed) asks the leader to
+ * record them, so GET /v1/cluster shows every member's API address.
+ */
+static void
+self_done(void *data, int status)
+{
+    struct sched *s = data;
+
+    cl.self_inflight = false;
+    if (status != 200)
+        pd_debug("cluster", "member %llu: recording own addresses through "
+                 "the leader: status %d, retrying",
+                 (unsigned long long)s->cfg.id, status);
+}
+
+static void
+on_self_check(uv_timer_t *t)
+{
+    struct sched *s = t->data;
+    struct fsm_cmd_member m;
+    char target[64];
+    char *body;
+    json_t *j;
+
+    if (s->stopping || s->raft == NULL || cl.self_inflight ||
+        raftnode_is_leader(s->raft) || sched_leader_rpc_addr(s) == NULL ||
+        member_row_current(s))
+        return;
+    fill_self(s, &m);
+    j = json_pack("{s:s,s:s,s:s,s:s}", "raft_addr", m.raft_addr,
+                  "api_addr", m.api_addr, "rpc_addr", m.rpc_addr,
+                  "preview_addr", m.preview_addr);
+    body = j != NULL ? json_dumps(j, JSON_COMPACT) : NULL;
+    json_decref(j);
+    if (body == NULL)
+        return;
+    snprintf(target, sizeof(target), "/v1/cluster/members/%llu",
+             (unsigned long long)s->cfg.id);
+    if (sched_forward_internal(s, "PUT", target, body, self_done, s) == 0)
+        cl.self_inflight = true;
+    free(body);
 }
 
 static void
@@ -250,7 +298,11 @@ sched_cluster_init(struct sched *s, char *err, size_t errlen)
         return rv;
     uv_timer_init(s->loop, &cl.retry);
     cl.retry.data = s;
+    uv_timer_init(s->loop, &cl.self_check);
+    cl.self_check.data = s;
     cl.retry_init = true;
+    uv_timer_start(&cl.self_check, on_self_check, SELF_CHECK_MS,
+                   SELF_CHECK_MS);
     if ((rv = raftnode_start(s->raft)) != 0) {
         snprintf(err, errlen, "raft: %s", raftnode_errmsg(s->raft));
         return rv;
@@ -331,6 +383,7 @@ sched_cluster_close(struct sched *s, void (*done)(void *data), void *data)
     if (cl.retry_init) {
         uv_timer_stop(&cl.retry);
         uv_close((uv_handle_t *)&cl.retry, NULL);
+        uv_close((uv_handle_t *)&cl.self_check, NULL);
         cl.retry_init = false;
     }
     if (s->raft == NULL || (x = malloc(sizeof(*x))) == NULL) {
@@ -709,9 +762,111 @@ remove_member(struct pd_http_req *r, const struct pd_http_params *p,
     pd_info("cluster", "member %llu: removing", (unsigned long long)id);
 }
 
+static const struct pd_json_field set_fields[] = {
+    {"raft_addr", PD_JSON_STRING, true},
+    {"api_addr", PD_JSON_STRING, true},
+    {"rpc_addr", PD_JSON_STRING, true},
+    {"preview_addr", PD_JSON_STRING, true},
+};
+
+struct set_ctx {
+    struct pd_http_req *r;
+    struct fsm_cmd cmd;
+};
+
+static void
+set_applied(void *data, int status, const struct fsm_result *res)
+{
+    struct set_ctx *x = data;
+
+    if (status == 0 && res->code == 0)
+        pd_http_respond_json(x->r, 200, member_json(&x->cmd.u.member));
+    else
+        pd_http_respond_error(x->r, 503, "unavailable", "member %llu: %s",
+                              (unsigned long long)x->cmd.u.member.id,
+                              status != 0 ? strerror(-status)
+                                          : res->message);
+    free(x);
+}
+
+static void
+set_body(struct pd_http_req *r, json_t *body, void *arg)
+{
+    struct sched *s = cl.s;
+    struct set_ctx *x = calloc(1, sizeof(*x));
+    struct fsm_cmd_member *m;
+    int rv;
+
+    if (x == NULL || fsm_cmd_init(&x->cmd, FSM_CMD_MEMBER_SET) != 0) {
+        free(x);
+        json_decref(body);
+        pd_http_respond_error(r, 503, "unavailable", "out of memory");
+        return;
+    }
+    x->r = r;
+    m = &x->cmd.u.member;
+    m->id = (uint64_t)(uintptr_t)arg;
+    if (!addr_field(r, body, "raft_addr", true, m->raft_addr,
+                    sizeof(m->raft_addr)) ||
+        !addr_field(r, body, "api_addr", true, m->api_addr,
+                    sizeof(m->api_addr)) ||
+        !addr_field(r, body, "rpc_addr", true, m->rpc_addr,
+                    sizeof(m->rpc_addr)) ||
+        !addr_field(r, body, "preview_addr", true, m->preview_addr,
+                    sizeof(m->preview_addr))) {
+        json_decref(body);
+        free(x);
+        return;
+    }
+    json_decref(body);
+    rv = raftnode_propose(s->raft, &x->cmd, set_applied, x);
+    if (rv != 0) {
+        pd_http_respond_error(r, 503, "unavailable", "member %llu: %s",
+                              (unsigned long long)m->id, strerror(-rv));
+        free(x);
+    }
+}
+
+/* PUT /v1/cluster/members/{id}: a member's own addresses, sent by that
+ * member through forwarding (never by a client: see api.c). */
+static void
+set_member(struct pd_http_req *r, const struct pd_http_params *p, void *arg)
+{
+    struct sched_call *c = arg;
+    struct raft *raft;
+    uint64_t id;
+    bool known = false;
+    unsigned i;
+
+    if (!pd_http_req_injected(r) ||
+        pd_http_req_header(r, SCHED_INTERNAL_HEADER) == NULL) {
+        pd_http_respond_error(r, 403, "forbidden", "members record their "
+                              "own addresses; use POST /v1/cluster/members");
+        return;
+    }
+    if (sched_forward_if_follower(c, r))
+        return;
+    if (parse_member_id(NULL, pd_http_param(p, "id"), &id) != 0) {
+        pd_http_respond_error(r, 400, "invalid_argument",
+                              "member id: expected a positive integer");
+        return;
+    }
+    raft = raftnode_raft(c->s->raft);
+    for (i = 0; i < raft->configuration.n; i++)
+        known |= raft->configuration.servers[i].id == id;
+    if (!known) {
+        pd_http_respond_error(r, 404, "not_found", "member %llu is not in "
+                              "the cluster", (unsigned long long)id);
+        return;
+    }
+    pd_http_read_json(r, 16 << 10, set_fields, PD_ARRAY_SIZE(set_fields),
+                      set_body, (void *)(uintptr_t)id);
+}
+
 const struct pd_http_route sched_cluster_routes[] = {
     {"GET", "/v1/cluster", get_cluster},
     {"POST", "/v1/cluster/members", add_member},
     {"DELETE", "/v1/cluster/members/{id}", remove_member},
+    {"PUT", "/v1/cluster/members/{id}", set_member},
 };
 const size_t sched_cluster_nroutes = PD_ARRAY_SIZE(sched_cluster_routes);

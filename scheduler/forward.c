@@ -29,6 +29,7 @@
  */
 #include <errno.h>
 #include <http_parser.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -66,6 +67,9 @@ struct fwd_req {
     char *raw;            /* the same request as HTTP bytes (local run) */
     size_t raw_len;
     bool local;           /* injected here: the callback answers */
+    /* An internal request (no client): its outcome goes here instead. */
+    void (*idone)(void *data, int status);
+    void *idata;
 };
 
 /* A forwarded request the leader runs for a peer (leader side). */
@@ -266,7 +270,9 @@ save_req(struct pd_http_req *r, const char *body, size_t blen,
     sb_str(&raw, q->target);
     sb_str(&raw, " HTTP/1.1\r\n");
     for (i = 0; i < n; i++) {
-        if (!pd_http_req_header_at(r, i, &name, &value) || hop_header(name))
+        /* The internal marker is ours to set, never a client's. */
+        if (!pd_http_req_header_at(r, i, &name, &value) ||
+            hop_header(name) || strcasecmp(name, SCHED_INTERNAL_HEADER) == 0)
             continue;
         q->hname[q->nh] = strdup(name);
         q->hvalue[q->nh] = strdup(value);
@@ -529,6 +535,29 @@ resp_parse(const char *buf, size_t len, struct resp *x)
 
 /* ---- Answering the client (follower side) -------------------------------- */
 
+static void q_fail(struct fwd_req *q, int status, const char *code,
+                   const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+
+/* Answers the client, or ends an internal request, with an error. */
+static void
+q_fail(struct fwd_req *q, int status, const char *code, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    if (q->r != NULL) {
+        pd_http_respond_error(q->r, status, code, "%s", msg);
+    } else if (q->idone != NULL) {
+        pd_debug("forward", "%s %s: %d %s", q->method, q->target, status,
+                 msg);
+        q->idone(q->idata, status);
+        q->idone = NULL;
+    }
+}
+
 static void
 req_free(struct fwd_req *q)
 {
@@ -581,8 +610,13 @@ answer_ok(struct fwd_req *q, const struct pd_msg *m)
         status > 599 || pd_msg_array(m, "headers", &hs) != 0 ||
         hs->size > FWD_HEADERS_MAX ||
         (pd_msg_bin(m, "body", &body, &blen) != 0 && blen != 0)) {
-        pd_http_respond_error(r, 502, "unavailable", "the leader's answer "
-                              "was malformed");
+        q_fail(q, 502, "unavailable", "the leader's answer was malformed");
+        return;
+    }
+    if (r == NULL) {
+        if (q->idone != NULL)
+            q->idone(q->idata, (int)status);
+        q->idone = NULL;
         return;
     }
     for (i = 0; i < hs->size; i++) {
@@ -620,12 +654,12 @@ requeue(struct fwd_req *q, const char *why)
     list_del(q);
     q->id = 0;
     if (f->closed) {
-        pd_http_respond_error(q->r, 503, "unavailable", "shutting down");
+        q_fail(q, 503, "unavailable", "shutting down");
         req_free(q);
         return;
     }
     if (++q->attempts >= FWD_ATTEMPTS) {
-        pd_http_respond_error(q->r, 503, "unavailable", "the leader did not "
+        q_fail(q, 503, "unavailable", "the leader did not "
                               "answer (%s); retry", why);
         req_free(q);
         return;
@@ -683,7 +717,7 @@ link_msg(struct pd_conn *c, const struct pd_msg *m)
             requeue(q, msg);
             return;
         }
-        pd_http_respond_error(q->r, 502, "unavailable", "leader: %s",
+        q_fail(q, 502, "unavailable", "leader: %s",
                               msg[0] != '\0' ? msg : code);
         req_free(q);
     }
@@ -830,13 +864,18 @@ static void
 local_done(struct fwd_req *q, const char *resp, size_t len, int err)
 {
     struct resp x;
+    int prv = err == 0 ? resp_parse(resp, len, &x) : -EPROTO;
 
-    if (err == 0 && resp_parse(resp, len, &x) == 0)
+    if (prv == 0 && q->r == NULL) {
+        if (q->idone != NULL)
+            q->idone(q->idata, x.status);
+        q->idone = NULL;
+    } else if (prv == 0) {
         answer_resp(q->r, &x);
-    else
-        pd_http_respond_error(q->r, 503, "unavailable", "the request could "
-                              "not be run (%s)", err != 0 ? strerror(-err)
-                                                          : "bad response");
+    } else {
+        q_fail(q, 503, "unavailable", "the request could not be run (%s)",
+               err != 0 ? strerror(-err) : "bad response");
+    }
     if (err == 0)
         resp_free(&x);
     req_free(q);
@@ -850,7 +889,7 @@ run_local(struct sched_forward *f, struct fwd_req *q)
 
     list_del(q);
     if (sv == NULL) {
-        pd_http_respond_error(q->r, 503, "unavailable", "out of memory");
+        q_fail(q, 503, "unavailable", "out of memory");
         req_free(q);
         return;
     }
@@ -859,7 +898,7 @@ run_local(struct sched_forward *f, struct fwd_req *q)
     q->local = true;
     rv = serve_inject(f, q->raw, q->raw_len, "self", sv);
     if (rv != 0) {
-        pd_http_respond_error(q->r, 503, "unavailable", "the request could "
+        q_fail(q, 503, "unavailable", "the request could "
                               "not be run (%s)", strerror(-rv));
         req_free(q);
     }
@@ -877,7 +916,7 @@ send_one(struct sched_forward *f, struct fwd_req *q)
     q->id = pd_conn_next_id(c);
     rv = send_frame(c, q);
     if (rv != 0) {
-        pd_http_respond_error(q->r, rv == -EMSGSIZE ? 413 : 503,
+        q_fail(q, rv == -EMSGSIZE ? 413 : 503,
                               rv == -EMSGSIZE ? "invalid_argument"
                                               : "unavailable",
                               "forwarding to the leader: %s",
@@ -918,7 +957,7 @@ on_tick(uv_timer_t *t)
                    f->link->conn != NULL) {
             send_one(f, q);
         } else if (now >= q->deadline) {
-            pd_http_respond_error(q->r, 503, "unavailable",
+            q_fail(q, 503, "unavailable",
                                   "no leader to take the write; retry");
             req_free(q);
         }
@@ -926,7 +965,7 @@ on_tick(uv_timer_t *t)
     for (q = f->sent.next; q != &f->sent; q = next) {
         next = q->next;
         if (now >= q->reply_deadline) {
-            pd_http_respond_error(q->r, 504, "unavailable", "the leader did "
+            q_fail(q, 504, "unavailable", "the leader did "
                                   "not answer in time");
             req_free(q);
         }
@@ -1002,6 +1041,75 @@ sched_forward_if_follower(struct sched_call *c, struct pd_http_req *r)
                               "read before forwarding");
     }
     return true;
+}
+
+/*
+ * A request of the scheduler's own to the leader (no client): marked with
+ * SCHED_INTERNAL_HEADER, which the leader trusts only on injected requests
+ * (they come over the mutual-TLS scheduler link) and which save_req strips
+ * from every client request. done gets the leader's status, or a 5xx.
+ */
+int
+sched_forward_internal(struct sched *s, const char *method,
+                       const char *target, const char *body,
+                       void (*done)(void *data, int status), void *data)
+{
+    struct sched_forward *f = s->fwd;
+    struct fwd_req *q;
+    struct sbuf raw = {0};
+    size_t blen = strlen(body);
+    char line[64];
+
+    if (f == NULL || f->closed || s->stopping)
+        return -ESHUTDOWN;
+    if ((q = calloc(1, sizeof(*q))) == NULL)
+        return -ENOMEM;
+    q->prev = q->next = q;
+    q->f = f;
+    q->idone = done;
+    q->idata = data;
+    snprintf(q->origin, sizeof(q->origin), "scheduler %llu",
+             (unsigned long long)s->cfg.id);
+    pd_strlcpy(q->method, method, sizeof(q->method));
+    q->target = strdup(target);
+    q->body = strdup(body);
+    q->hname = calloc(3, sizeof(char *));
+    q->hvalue = calloc(3, sizeof(char *));
+    if (q->target == NULL || q->body == NULL || q->hname == NULL ||
+        q->hvalue == NULL)
+        goto nomem;
+    q->body_len = blen;
+    q->hname[0] = strdup("Content-Type");
+    q->hvalue[0] = strdup("application/json");
+    q->hname[1] = strdup(SCHED_INTERNAL_HEADER);
+    q->hvalue[1] = strdup("member");
+    q->hname[2] = strdup("Host");
+    q->hvalue[2] = strdup("paddock");
+    q->nh = 3;
+    sb_str(&raw, method);
+    sb_str(&raw, " ");
+    sb_str(&raw, target);
+    sb_str(&raw, " HTTP/1.1\r\nHost: paddock\r\n"
+           "Content-Type: application/json\r\n");
+    sb_str(&raw, SCHED_INTERNAL_HEADER);
+    snprintf(line, sizeof(line), ": member\r\nContent-Length: %zu\r\n",
+             blen);
+    sb_str(&raw, line);
+    sb_str(&raw, "Connection: close\r\n\r\n");
+    sb_str(&raw, body);
+    if (raw.failed)
+        goto nomem;
+    q->raw = raw.p;
+    q->raw_len = raw.len;
+    q->deadline = pd_now_ms() + f->wait_ms;
+    list_add(&f->waiting, q);
+    kick_tick(f);
+    return 0;
+nomem:
+    free(raw.p);
+    q->idone = NULL;
+    req_free(q);
+    return -ENOMEM;
 }
 
 /* ---- Serving forwarded requests (leader side) --------------------------- */
@@ -1171,12 +1279,12 @@ sched_forward_close(struct sched *s)
     f->closed = true;
     for (q = f->waiting.next; q != &f->waiting; q = next) {
         next = q->next;
-        pd_http_respond_error(q->r, 503, "unavailable", "shutting down");
+        q_fail(q, 503, "unavailable", "shutting down");
         req_free(q);
     }
     for (q = f->sent.next; q != &f->sent; q = next) {
         next = q->next;
-        pd_http_respond_error(q->r, 503, "unavailable", "shutting down");
+        q_fail(q, 503, "unavailable", "shutting down");
         req_free(q);
     }
     /* Injected requests end when the API server closes; replies to peers

@@ -197,6 +197,18 @@ const char *sched_leader_rpc_addr(struct sched *s);
  * it instead of writing to a freed connection.
  */
 void sched_forward_conn_closed(struct sched *s, struct pd_conn *c);
+/*
+ * Added by core: a request of this scheduler's own to the leader, e.g. a
+ * follower recording its addresses (PUT /v1/cluster/members/{id}). It
+ * carries SCHED_INTERNAL_HEADER, which the API trusts on injected
+ * (forwarded) requests only and which forwarding strips from clients'.
+ * done gets the HTTP status (5xx when the leader could not be reached).
+ */
+#define SCHED_INTERNAL_HEADER "X-Paddock-Internal"
+int sched_forward_internal(struct sched *s, const char *method,
+                           const char *target, const char *body,
+                           void (*done)(void *data, int status),
+                           void *data);
 
 /* ---- The Raft member (cluster.c; added by core) ------------------------ */
 

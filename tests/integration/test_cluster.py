@@ -175,6 +175,13 @@ def test_cluster_nodes_health_and_metrics(lc):
     assert sum(m["leader"] for m in cl["members"]) == 1, cl
     lead = [m for m in cl["members"] if m["leader"]][0]
     assert lead["api_addr"] == lc.api_addr(lc.leader()), cl
+
+    def every_address():
+        _st, _h, c = api(lc, "GET", "/v1/cluster", at=lc.followers()[0])
+        return {m["api_addr"] for m in c["members"]} == {
+            lc.api_addr(n) for n in lc.schedulers()}
+    # Followers record their own addresses through the leader.
+    wait_for(every_address, 10, "every member's API address")
     st, _h, nodes = api(lc, "GET", "/v1/nodes")
     assert {n["id"] for n in nodes["nodes"]} == {"agent-1", "agent-2"}
     st, _h, m = http_json("GET", lc.api_addr(lc.leader()), "/metrics",
