@@ -100,12 +100,14 @@ send_json(struct agent_qmp *q, json_t *obj)
         return -ENOMEM;
     }
     /* QMP reads JSON objects; the newline only helps humans reading. */
-    w->data = realloc(text, n + 2);
+    w->data = malloc(n + 2);
     if (w->data == NULL) {
         free(text);
         free(w);
         return -ENOMEM;
     }
+    memcpy(w->data, text, n);
+    free(text);
     memcpy(w->data + n, "\r\n", 2);
     b = uv_buf_init(w->data, (unsigned)n + 2);
     rv = uv_write(&w->req, (uv_stream_t *)&q->pipe, &b, 1, on_written);
