@@ -414,6 +414,10 @@ int
 pd_decoder_feed(struct pd_decoder *d, const void *data, size_t len)
 {
     pd_msg_release(&d->cur);
+    /* Nothing to add: d->buf may still be NULL, and memcpy must never see
+     * a NULL pointer, even for zero bytes. */
+    if (len == 0)
+        return 0;
     if (d->off > 0) {
         memmove(d->buf, d->buf + d->off, d->len - d->off);
         d->len -= d->off;
