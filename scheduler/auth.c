@@ -258,9 +258,26 @@ sched_auth_keyset(struct sched *s)
     return a->ks;
 }
 
+static void
+nudge_done(void *data, int status, const char *msg)
+{
+    (void)data;
+    (void)status;
+    (void)msg;
+}
+
+void
+sched_auth_nudge(struct sched *s)
+{
+    if (s->raft == NULL || raftnode_barrier(s->raft, nudge_done, NULL) != 0)
+        pd_debug("auth", "no barrier; followers apply the last change at "
+                 "the next heartbeat");
+}
+
 /* ---- Minting ----------------------------------------------------------- */
 
 struct mint {
+    struct sched *s;
     sched_mint_cb cb;
     void *data;
     char *token;
@@ -277,8 +294,10 @@ mint_applied(void *data, int status, const struct fsm_result *res)
               "recorded; retry", NULL, NULL);
     else if (res->code != 0)
         m->cb(m->data, res->code, res->message, NULL, NULL);
-    else
+    else {
+        sched_auth_nudge(m->s);
         m->cb(m->data, 0, "", m->token, &m->claims);
+    }
     free(m->token);
     free(m);
 }
@@ -314,6 +333,7 @@ sched_auth_mint(struct sched *s, const char *sub, enum pd_jwt_role role,
         free(m);
         return rc;
     }
+    m->s = s;
     m->cb = cb;
     m->data = data;
     rc = fsm_cmd_init(&cmd, FSM_CMD_TOKEN_CREATE);

@@ -41,6 +41,16 @@ int sched_auth_mint(struct sched *s, const char *sub, enum pd_jwt_role role,
                     const char *sandbox, int64_t ttl_s, sched_mint_cb cb,
                     void *data, char *err, size_t errlen);
 
+/*
+ * Leader: makes the followers apply what was just committed now rather
+ * than at the next heartbeat. Raft tells followers the commit index only
+ * in its next AppendEntries, sent at the heartbeat (100 ms) when nothing
+ * else is appended; a barrier appends an entry at once. Used after a
+ * revocation, a new token and a port change, so that every scheduler
+ * agrees within a round trip.
+ */
+void sched_auth_nudge(struct sched *s);
+
 /* Maps a principal's role to its name ("admin", "tenant", "node"). */
 const char *sched_role_name(enum sched_role role);
 

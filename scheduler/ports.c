@@ -126,6 +126,7 @@ expose_applied(void *data, int status, const struct fsm_result *res)
         portreq_free(q);
         return;
     }
+    sched_auth_nudge(q->s);
     n = sched_preview_url(url, sizeof(url), scheme(q->s), (uint16_t)q->port,
                           q->sandbox, q->token, domain(q->s),
                           preview_port(q->s));
@@ -248,6 +249,7 @@ unexpose_applied(void *data, int status, const struct fsm_result *res)
     } else {
         char subj[PD_ID_MAX + 16];
 
+        sched_auth_nudge(q->s);
         snprintf(subj, sizeof(subj), "sandbox %s", q->sandbox);
         pd_info(subj, "port %u unexposed by %s", q->port, q->tenant);
         pd_http_respond_json(q->r, 200, json_pack("{s:i, s:b}", "port",

@@ -289,6 +289,7 @@ revoke_applied(void *data, int status, const struct fsm_result *res)
         tokreq_free(t);
         return;
     }
+    sched_auth_nudge(t->s);
     push_revoke(t->s, t->jti, t->exp_ms);
     sched_metrics_inc(t->s, "tokens_revoked", 1);
     pd_info("tokens", "token %s revoked by %s", t->jti, t->who.tenant);
