@@ -218,6 +218,43 @@ pick_qemu_user(struct agent *a, char *err, size_t errlen)
     return 0;
 }
 
+/*
+ * QEMU runs as qemu_uid and opens its sockets and disk in data_dir/vm/X:
+ * every directory on the way must let that user through. Checked here so
+ * the failure names the directory, instead of every VM dying at start.
+ */
+static int
+check_traversable(const struct agent *a, const char *dir, char *err,
+                  size_t errlen)
+{
+    char path[PATH_MAX];
+    struct stat st;
+
+    if (!a->drop_privileges)
+        return 0;
+    pd_strlcpy(path, dir, sizeof(path));
+    for (char *p = path + strlen(path); p > path;) {
+        mode_t need;
+
+        if (stat(path, &st) != 0)
+            return 0;
+        need = st.st_uid == a->qemu_uid   ? S_IXUSR
+               : st.st_gid == a->qemu_gid ? S_IXGRP
+                                          : S_IXOTH;
+        if ((st.st_mode & need) == 0) {
+            snprintf(err, errlen, "QEMU's user (uid %d) cannot enter %s "
+                     "(mode %04o): use a data_dir it can reach",
+                     (int)a->qemu_uid, path, (unsigned)(st.st_mode & 07777));
+            return -EACCES;
+        }
+        p = strrchr(path, '/');
+        if (p == NULL)
+            break;
+        *p = '\0';
+    }
+    return 0;
+}
+
 static int
 open_state(struct agent *a, char *err, size_t errlen)
 {
@@ -238,6 +275,9 @@ open_state(struct agent *a, char *err, size_t errlen)
     }
     /* QEMU's user must traverse to its own 0700 directory. */
     chmod(a->cfg.data_dir, 0711);
+    rv = check_traversable(a, path, err, errlen);
+    if (rv != 0)
+        return rv;
     snprintf(path, sizeof(path), "%s/agent.db", a->cfg.data_dir);
     rv = agent_state_open(path, &a->state, err, errlen);
     if (rv != 0)

@@ -1069,8 +1069,10 @@ on_hostfwd(void *arg, int status, json_t *ret, const char *desc)
     struct sandbox *sb = op->sb;
     const char *text = json_string_value(ret);
 
-    /* HMP answers "" on success and an error text otherwise. */
-    if (status == 0 && text != NULL && text[0] != '\0') {
+    /* hostfwd_add answers "" on success, hostfwd_remove "host forwarding
+     * rule for ... removed"; anything else is an error text. */
+    if (status == 0 && text != NULL && text[0] != '\0' &&
+        (op->open || strstr(text, " removed") == NULL)) {
         status = -EIO;
         desc = text;
     }
