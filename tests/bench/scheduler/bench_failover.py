@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -117,8 +118,10 @@ def main():
             if old is None:
                 sys.exit("round %d: no leader within 30 s" % i)
             rest = [n for n in sorted(ports) if n != old]
+            with open(os.path.join(d, old + ".pid")) as f:
+                pid = int(f.read())
             t0 = time.monotonic()
-            run("kill", old)
+            os.kill(pid, signal.SIGKILL)
             elected = None
             k = 0
             while time.monotonic() - t0 < 30:
