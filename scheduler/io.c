@@ -1010,8 +1010,10 @@ read_frame(struct sched_areq *q, const struct pd_msg *m, void *data)
     if (io->sent >= io->size) {
         struct pd_http_req *r = io->r;
 
+        /* Cancelled, so no on_end follows: free here. */
         io_done(io);
         pd_http_end(r);
+        io_maybe_free(io);
         return;
     }
     grant_or_hold(io, n);
@@ -1055,7 +1057,10 @@ up_data(struct pd_http_req *r, const char *data, size_t len, void *arg)
         return;
     }
     io->up_bytes += len;
+    io->busy++;
     upload_pump(io);
+    io->busy--;
+    io_maybe_free(io);
 }
 
 static void
@@ -1074,7 +1079,10 @@ up_end(struct pd_http_req *r, int err, void *arg)
         io_maybe_free(io);
         return;
     }
+    io->busy++;
     upload_pump(io);
+    io->busy--;
+    io_maybe_free(io);
 }
 
 static void
@@ -1138,8 +1146,15 @@ upload_pump(struct io *io)
 static void
 up_writable(struct sched_areq *q, void *data)
 {
+    struct io *io = data;
+
     (void)q;
-    upload_pump(data);
+    /* Resuming the body may deliver its end at once, which finishes the
+     * request: io must outlive the pump. */
+    io->busy++;
+    upload_pump(io);
+    io->busy--;
+    io_maybe_free(io);
 }
 
 static void
@@ -1297,16 +1312,22 @@ io_ensured(void *data, int code, const char *message,
         return;
     }
     if (code != 0 || sb == NULL) {
-        int status;
-        const char *ecode;
+        int status = 503;
+        const char *ecode = "unavailable";
 
-        errno_status(code != 0 ? -code : EIO, "", &status, &ecode);
+        /* lifecycle.c's verdicts: stopped (ENOTCONN) or failed (EIO) are
+         * the user's to act on; the rest pass with a retry. */
         if (code == -ENOENT)
             status = 404, ecode = "not_found";
-        if (code == -ENOSPC)
-            status = 503, ecode = "no_capacity";
-        io_fail(io, status, ecode, "sandbox %s: %s", io->sandbox,
-                message != NULL && message[0] ? message : strerror(-code));
+        else if (code == -ENOTCONN || code == -EIO)
+            status = 409, ecode = "conflict";
+        else if (code == -ENOSPC)
+            ecode = "no_capacity";
+        else if (code == -EINVAL)
+            status = 400, ecode = "invalid_argument";
+        io_fail(io, status, ecode, "%s", message != NULL && message[0]
+                                             ? message
+                                             : strerror(code ? -code : EIO));
         io_maybe_free(io);
         return;
     }

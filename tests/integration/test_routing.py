@@ -16,6 +16,7 @@ import hashlib
 import http.client
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -406,3 +407,74 @@ def test_another_tenants_sandbox_is_not_found(cl):
                              "/v1/sandboxes/rt-a/files?path=/etc/passwd",
                              r["token"])
     assert st == 404, body
+
+
+def test_client_abandoning_transfers_leaves_no_file(cl):
+    host, port = cl.f["api"].rsplit(":", 1)
+    # An upload cut off after 8 of 64 MiB: the guest drops its temporary
+    # file, so the target never appears.
+    c = http.client.HTTPConnection(host, int(port), timeout=60)
+    c.putrequest("PUT", "/v1/sandboxes/rt-a/files?path=/workspace/cut")
+    c.putheader("Authorization", "Bearer " + cl.token)
+    c.putheader("Content-Length", str(64 << 20))
+    c.endheaders()
+    for _ in range(8):
+        c.send(os.urandom(1 << 20))
+    c.sock.shutdown(2)
+    c.close()
+    # A download dropped after its first megabyte.
+    c = http.client.HTTPConnection(host, int(port), timeout=60)
+    c.request("GET", "/v1/sandboxes/rt-a/files?path=/workspace/blob",
+              headers={"Authorization": "Bearer " + cl.token})
+    r = c.getresponse()
+    assert r.status == 200 and len(r.read(1 << 20)) == 1 << 20
+    c.sock.shutdown(2)
+    c.close()
+
+    def clean():
+        r = execj(cl, "rt-a", {"command": "ls -a /workspace"})
+        return "cut" not in r["stdout"]
+    wait_for(clean, 15, "the abandoned upload to leave nothing behind")
+    st, _h, r = call(cl, "GET", "/v1/sandboxes/rt-a/files?path=/workspace/cut")
+    assert st == 404, r
+    assert execj(cl, "rt-a", {"argv": ["true"]})["exit_code"] == 0
+
+
+# Last: freezes an agent, so the sandboxes pinned to it are gone after.
+def test_frozen_agent_fails_open_streams_and_the_sandbox_moves(cl):
+    st, _h, body = call(cl, "POST", "/v1/sandboxes?wait=true", {
+        "id": "rt-c", "cpus": 1, "memory_mb": 256, "disk_mb": 32},
+        at=cl.leader(), timeout=180)
+    assert st in (200, 201) and body["state"] == "running", body
+    old = body["node"]
+    agent = next(a for a in cl.agents if a["name"] == old)
+    c, r = open_stream(cl, "POST", "/v1/sandboxes/rt-c/exec?stream=true",
+                       {"command": "echo up; sleep 120"})
+    try:
+        events = sse(r)
+        assert next(events)[0] == "start"
+        assert next(events)[0] == "stdout"
+        agent["proc"].signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        ev, data = next(events)
+        # The follower's link notices the silence, not a TCP error.
+        assert ev == "error" and data["error"]["code"] == "unavailable", \
+            (ev, data)
+        assert time.monotonic() - t0 < 20
+    finally:
+        c.close()
+    try:
+        wait_for(lambda: any(n["id"] == old and n["state"] == "down"
+                             for n in call(cl, "GET", "/v1/nodes")[2]
+                             ["nodes"]), 30, "node %s down" % old)
+        st, h, r = call(cl, "POST", "/v1/sandboxes/rt-c/exec",
+                        {"argv": ["hostname"]}, timeout=180)
+        assert st == 200 and r["stdout"] == "rt-c\n", r
+        assert r.get("replaced") is True, r
+        assert h.get("X-Paddock-Replaced") == "true", h
+        st, _h, body = call(cl, "GET", "/v1/sandboxes/rt-c")
+        assert body["node"] != old and body["state"] == "running", body
+        r = execj(cl, "rt-c", {"argv": ["true"]})
+        assert "replaced" not in r
+    finally:
+        agent["proc"].signal(signal.SIGCONT)
