@@ -409,8 +409,8 @@ on_assign_end(struct sched_areq *q, int status, const struct pd_msg *m,
     PD_UNUSED(q);
     o->areq = NULL;
     if (status == 0) {
-        pd_info("lifecycle", "sandbox %s: running on node %s (generation "
-                "%llu)", id, o->node, (unsigned long long)o->generation);
+        pd_debug("lifecycle", "sandbox %s: running on node %s (generation "
+                 "%llu)", id, o->node, (unsigned long long)o->generation);
         commit_state(o, FSM_SB_RUNNING, "");
         sched_metrics_inc(o->lc->s, "sandboxes_started", 1);
     } else if (m != NULL) {

@@ -17,7 +17,7 @@
  *
  *   pd-simnodes load --api H:P[,H:P...] --token T [--count 100000]
  *               [--concurrency 64] [--prefix b] [--wait]
- *     Sends COUNT POST /v1/sandboxes (1 CPU, 16 MB memory, 16 MB disk)
+ *     Sends COUNT POST /v1/sandboxes (1 CPU, 64 MB memory, 16 MB disk)
  *     over CONCURRENCY keep-alive connections spread over the API
  *     addresses, and prints one JSON line: count, ok, errors, seconds,
  *     rate (creates answered 2xx per second), p50/p99/max latency in ms,
@@ -511,6 +511,7 @@ static bool wait_running;
 static uint64_t t0_ns;
 
 static void client_next(struct client *cl);
+static void client_connect(struct client *cl);
 
 static void
 on_write_done(uv_write_t *w, int status)
@@ -529,7 +530,7 @@ client_send(struct client *cl)
     int n;
 
     snprintf(body, sizeof(body), "{\"id\": \"%s-%llu\", \"cpus\": 1, "
-             "\"memory_mb\": 16, \"disk_mb\": 16}", prefix_load,
+             "\"memory_mb\": 64, \"disk_mb\": 16}", prefix_load,
              (unsigned long long)n_sent);
     n = asprintf(&req, "POST /v1/sandboxes%s HTTP/1.1\r\nHost: x\r\n"
                  "Authorization: Bearer %s\r\nContent-Type: "
@@ -623,6 +624,15 @@ finish_if_done(void)
 }
 
 static void
+on_client_closed(uv_handle_t *h)
+{
+    struct client *cl = h->data;
+
+    if (n_sent < n_total)
+        client_connect(cl);
+}
+
+static void
 on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
     struct client *cl = s->data;
@@ -632,13 +642,18 @@ on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 
     PD_UNUSED(buf);
     if (nread < 0) {
-        fprintf(stderr, "pd-simnodes: connection lost: %s\n",
-                uv_strerror((int)nread));
+        /* The server may close after an error answer: count the request
+         * in flight as failed and connect again. */
         if (cl->busy) {
             n_err++;
             lat_us[n_done++] = 0;
+            if (first_error[0] == '\0')
+                snprintf(first_error, sizeof(first_error),
+                         "connection lost: %s", uv_strerror((int)nread));
         }
-        uv_close((uv_handle_t *)s, NULL);
+        cl->busy = cl->connected = false;
+        cl->in_len = 0;
+        uv_close((uv_handle_t *)s, on_client_closed);
         finish_if_done();
         return;
     }
@@ -687,6 +702,21 @@ on_client_connect(uv_connect_t *req, int status)
 }
 
 static void
+client_connect(struct client *cl)
+{
+    uv_connect_t *req = malloc(sizeof(*req));
+
+    uv_tcp_init(loop, &cl->tcp);
+    cl->tcp.data = cl;
+    req->data = cl;
+    if (uv_tcp_connect(req, &cl->tcp, (const struct sockaddr *)&cl->addr,
+                       on_client_connect) != 0) {
+        fprintf(stderr, "pd-simnodes: cannot connect\n");
+        exit(1);
+    }
+}
+
+static void
 on_timeout(uv_timer_t *t)
 {
     PD_UNUSED(t);
@@ -714,17 +744,12 @@ run_load(const char *apis, size_t conc, uint64_t timeout_ms)
     t0_ns = pd_now_ns();
     for (size_t i = 0; i < conc; i++) {
         struct client *cl = &cls[i];
-        uv_connect_t *req = malloc(sizeof(*req));
 
         if (parse_addr(list[i % n], &cl->addr) != 0) {
             fprintf(stderr, "pd-simnodes: bad --api %s\n", list[i % n]);
             return 2;
         }
-        uv_tcp_init(loop, &cl->tcp);
-        cl->tcp.data = cl;
-        req->data = cl;
-        uv_tcp_connect(req, &cl->tcp, (const struct sockaddr *)&cl->addr,
-                       on_client_connect);
+        client_connect(cl);
     }
     uv_timer_init(loop, &timer);
     uv_timer_start(&timer, on_timeout, timeout_ms, 0);
