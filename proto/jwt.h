@@ -61,7 +61,15 @@
  * key fails on a scheduler whose files are not updated yet, and retiring a
  * key needs a file edit and reload on every member.
  *
- * Recommended: (c). The private key is a file (mode 0600, owned by the
+ * What the scheduler does: (a), for now. scheduler/auth.c writes down
+ * why (any member that becomes the leader can mint at once, rotation is
+ * one command, no deploy step has to keep key files in step) and the
+ * threat model that comes with it (the Raft port and the data
+ * directories must be as protected as the key). The library supports (c)
+ * unchanged, and it is the better choice once Raft traffic crosses an
+ * untrusted network:
+ *
+ * (c) in detail. The private key is a file (mode 0600, owned by the
  * scheduler's user, created by the deploy scripts; pd_jwt_key_load_file()
  * refuses a private key readable by group or others) on each scheduler
  * that may lead; it never enters the Raft log, a snapshot or an RPC. The
