@@ -61,6 +61,7 @@ struct fwd_req {
     char *body;
     size_t body_len;
     uint64_t id;          /* on the link, 0 while queued */
+    struct fwd_link *link; /* the link it was sent on */
     unsigned attempts;
     uint64_t deadline;    /* pd_now_ms: give up waiting for a leader */
     uint64_t reply_deadline;
@@ -653,6 +654,7 @@ requeue(struct fwd_req *q, const char *why)
 
     list_del(q);
     q->id = 0;
+    q->link = NULL;
     if (f->closed) {
         q_fail(q, 503, "unavailable", "shutting down");
         req_free(q);
@@ -669,13 +671,14 @@ requeue(struct fwd_req *q, const char *why)
     kick_tick(f);
 }
 
+/* Ids are per connection: a reply matches only a request of its link. */
 static struct fwd_req *
-sent_find(struct sched_forward *f, uint64_t id)
+sent_find(struct sched_forward *f, struct fwd_link *l, uint64_t id)
 {
     struct fwd_req *q;
 
     for (q = f->sent.next; q != &f->sent; q = q->next)
-        if (q->id == id)
+        if (q->link == l && q->id == id)
             return q;
     return NULL;
 }
@@ -701,7 +704,7 @@ link_msg(struct pd_conn *c, const struct pd_msg *m)
     }
     if (m->type != PD_MSG_OK && m->type != PD_MSG_ERROR)
         return;
-    if ((q = sent_find(f, m->id)) == NULL)
+    if ((q = sent_find(f, l, m->id)) == NULL)
         return;
     if (m->type == PD_MSG_OK) {
         answer_ok(q, m);
@@ -738,7 +741,8 @@ link_closed(struct pd_conn *c, int reason)
             f->sent.next != &f->sent ? "; retrying its requests" : "");
     for (q = f->sent.next; q != &f->sent; q = next) {
         next = q->next;
-        requeue(q, "the link to the leader broke");
+        if (q->link == l)
+            requeue(q, "the link to the leader broke");
     }
     free(l);
 }
@@ -925,6 +929,7 @@ send_one(struct sched_forward *f, struct fwd_req *q)
         return;
     }
     q->reply_deadline = pd_now_ms() + FWD_REPLY_MS;
+    q->link = f->link;
     list_add(&f->sent, q);
 }
 
