@@ -720,6 +720,21 @@ delete_sandbox(struct pd_http_req *r, const struct pd_http_params *p,
 
     if (sched_forward_if_follower(c, r))
         return;
+    if (pd_http_req_injected(r) &&
+        pd_http_req_header(r, SCHED_RETRY_HEADER) != NULL &&
+        pd_id_valid(pd_http_param(p, "id"))) {
+        int grv = fsm_sandbox_get(c->s->fsm, pd_http_param(p, "id"), &sb);
+
+        if (grv == 0)
+            fsm_sandbox_clear(&sb);
+        if (grv == -ENOENT) {
+            /* A resent delete whose first attempt went through. */
+            pd_http_respond_json(r, 200, json_pack("{s:s,s:b}", "id",
+                                                   pd_http_param(p, "id"),
+                                                   "deleted", 1));
+            return;
+        }
+    }
     if (sched_sandbox_lookup(c, r, pd_http_param(p, "id"), &sb) != 0)
         return;
     fsm_sandbox_clear(&sb);

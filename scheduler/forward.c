@@ -271,9 +271,9 @@ save_req(struct pd_http_req *r, const char *body, size_t blen,
     sb_str(&raw, q->target);
     sb_str(&raw, " HTTP/1.1\r\n");
     for (i = 0; i < n; i++) {
-        /* The internal marker is ours to set, never a client's. */
+        /* X-Paddock-* headers are ours to set, never a client's. */
         if (!pd_http_req_header_at(r, i, &name, &value) ||
-            hop_header(name) || strcasecmp(name, SCHED_INTERNAL_HEADER) == 0)
+            hop_header(name) || strncasecmp(name, "x-paddock-", 10) == 0)
             continue;
         q->hname[q->nh] = strdup(name);
         q->hvalue[q->nh] = strdup(value);
@@ -316,11 +316,18 @@ send_frame(struct pd_conn *c, const struct fwd_req *q)
     pd_enc_str(&e, "path", q->target);
     pd_enc_str(&e, "origin", q->origin);
     pd_enc_key(&e, "headers");
-    msgpack_pack_array(&e.pk, q->nh);
+    msgpack_pack_array(&e.pk, q->nh + (q->attempts > 0));
     for (i = 0; i < q->nh; i++) {
         msgpack_pack_array(&e.pk, 2);
         pd_enc_pack_str(&e, q->hname[i]);
         pd_enc_pack_str(&e, q->hvalue[i]);
+    }
+    if (q->attempts > 0) {
+        /* A resend after a lost link or leader: the first attempt may
+         * have been applied (see SCHED_RETRY_HEADER). */
+        msgpack_pack_array(&e.pk, 2);
+        pd_enc_pack_str(&e, SCHED_RETRY_HEADER);
+        pd_enc_pack_str(&e, "1");
     }
     pd_enc_bin(&e, "body", q->body, q->body_len);
     return pd_conn_send(c, &e);

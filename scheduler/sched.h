@@ -205,6 +205,14 @@ void sched_forward_conn_closed(struct sched *s, struct pd_conn *c);
  * done gets the HTTP status (5xx when the leader could not be reached).
  */
 #define SCHED_INTERNAL_HEADER "X-Paddock-Internal"
+/*
+ * Added by core: set on a forwarded request that is a resend after the
+ * link or the leader was lost, so its first attempt may have been applied.
+ * Handlers whose retry is not naturally idempotent can tell (DELETE of a
+ * sandbox that is gone answers 200). Trusted on injected requests only;
+ * forwarding strips every X-Paddock-* header from clients' requests.
+ */
+#define SCHED_RETRY_HEADER "X-Paddock-Retry"
 int sched_forward_internal(struct sched *s, const char *method,
                            const char *target, const char *body,
                            void (*done)(void *data, int status),
