@@ -613,3 +613,21 @@ agent_cg_read_limits(const struct agent_cg *cg, const char *name,
     *cpu_millis = quota * 1000 / period;
     return 0;
 }
+
+void
+agent_cg_fini(const struct agent_cg *cg)
+{
+    /* Fails with EBUSY while VMs that outlive the agent remain: fine, the
+     * next agent reuses the directory. */
+    switch (cg->mode) {
+    case AGENT_CG_V1:
+        (void)rmdir(cg->cpu_dir);
+        (void)rmdir(cg->mem_dir);
+        break;
+    case AGENT_CG_V2:
+        (void)rmdir(cg->v2_dir);
+        break;
+    default:
+        break;
+    }
+}

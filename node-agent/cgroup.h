@@ -89,6 +89,10 @@ int agent_cg_oom_kills(const struct agent_cg *cg, const char *name,
 int agent_cg_read_limits(const struct agent_cg *cg, const char *name,
                          uint64_t *cpu_millis, uint64_t *mem_bytes);
 
+/* Removes the parent cgroups at agent exit when no sandbox is left in
+ * them (best effort). */
+void agent_cg_fini(const struct agent_cg *cg);
+
 /* The directory of the sandbox's cgroup in the memory (or v2) hierarchy. */
 int agent_cg_path(const struct agent_cg *cg, const char *name, bool cpu,
                   char *buf, size_t buflen);

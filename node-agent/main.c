@@ -580,6 +580,7 @@ main(int argc, char **argv)
     uv_signal_start(&sig_int, on_signal, SIGINT);
 
     uv_run(a->loop, UV_RUN_DEFAULT);
+    agent_cg_fini(&a->cg);
     agent_state_close(a->state);
     SSL_CTX_free(a->rpc_tls);
     SSL_CTX_free(a->session_tls);
