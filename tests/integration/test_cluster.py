@@ -262,6 +262,63 @@ def test_bad_input_gets_clear_4xx(lc):
         assert lc.health(n) is not None, n
 
 
+def test_tenants_see_only_their_own(lc):
+    st, _h, t = api(lc, "POST", "/v1/tokens", {"tenant": "acme",
+                                               "role": "tenant"})
+    assert st in (200, 201), t
+    tok = t["token"]
+    f = lc.followers()[0]
+    st, _h, b = api(lc, "GET", "/v1/sandboxes/c1", at=f, token=tok)
+    assert st == 404 and err_code(b) == "not_found", b
+    st, _h, b = api(lc, "GET", "/v1/sandboxes", at=f, token=tok)
+    assert st == 200 and b["sandboxes"] == [], b
+    st, _h, b = api(lc, "DELETE", "/v1/sandboxes/c1", at=f, token=tok)
+    assert st == 404, b
+    # Another tenant's id is taken all the same.
+    st, _h, b = api(lc, "POST", "/v1/sandboxes", dict(SMALL, id="c1"), at=f,
+                    token=tok)
+    assert st == 409, b
+    for path in ("/v1/nodes", "/v1/cluster", "/metrics"):
+        st, _h, b = api(lc, "GET", path, at=f, token=tok)
+        assert st == 403 and err_code(b) == "forbidden", (path, b)
+
+
+def test_check_config_names_file_line_and_key(lc, module_workdir):
+    from conftest import binary
+    bad = os.path.join(module_workdir, "bad.conf")
+    with open(bad, "w") as f:
+        f.write("id = 1\n# a comment\nelection_timeout = soon\n")
+    r = subprocess.run([binary("paddock-scheduler"), "--config", bad,
+                        "--check-config"], capture_output=True, text=True,
+                       timeout=10)
+    assert r.returncode == 2, r
+    assert "bad.conf:3: election_timeout:" in r.stderr, r.stderr
+    conf = os.path.join(lc.dir, "scheduler-1.conf")
+    r = subprocess.run([binary("paddock-scheduler"), "--config", conf,
+                        "--check-config"], capture_output=True, text=True,
+                       timeout=10)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([binary("paddock-scheduler"), "--config", conf,
+                        "--check-config", "--strategy", "random"],
+                       capture_output=True, text=True, timeout=10)
+    assert r.returncode == 2 and "strategy" in r.stderr, r.stderr
+
+
+def test_sigterm_hands_leadership_over(lc):
+    old = lc.leader()
+    rest = [n for n in lc.schedulers() if n != old]
+    t0 = time.monotonic()
+    lc.run("stop", old)
+    # No election timeout to wait out: the leader transferred first.
+    new = wait_for(lambda: lc.leader(rest), 10, "a new leader")
+    took = time.monotonic() - t0
+    assert "leadership handed over" in lc.log(old), lc.log(old)
+    lc.run("start", old)
+    wait_for(lambda: (lc.health(old) or {}).get("state") == "follower", 30,
+             "%s back" % old)
+    assert new in rest and took < 5, took
+
+
 # ---- leader failure ------------------------------------------------------------
 
 
