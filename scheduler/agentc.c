@@ -105,7 +105,7 @@ struct sched_areq {
 
 static void link_fail(struct alink *l, int err, const char *why);
 
-/* ---- encoder surgery ---------------------------------------------------- */
+/* ---- encoder surgery -------------------------------------------------- */
 
 /* A msgpack unsigned integer at p: its value and encoded size. */
 static int
@@ -174,7 +174,7 @@ enc_set_id(struct pd_enc *e, uint64_t id, unsigned *type)
     return 0;
 }
 
-/* ---- requests ------------------------------------------------------------ */
+/* ---- requests --------------------------------------------------------- */
 
 static void
 req_unlink(struct sched_areq *q)
@@ -367,7 +367,7 @@ req_dispatch(struct sched_areq *q, const struct pd_msg *m)
     }
 }
 
-/* ---- links --------------------------------------------------------------- */
+/* ---- links ------------------------------------------------------------ */
 
 static void
 link_maybe_free(struct alink *l)
@@ -420,6 +420,8 @@ link_fail(struct alink *l, int err, const char *why)
         req_end(l->reqs, err, NULL);
         n++;
     }
+    if (l->pool != NULL && err != -ESHUTDOWN)
+        sched_metrics_inc(l->pool->s, "agent_link_failures", 1);
     if (n > 0 || err != -ESHUTDOWN)
         pd_info(l->subject, "link lost (%s); %d open request(s) failed, "
                 "the next request reconnects", why, n);
@@ -569,6 +571,7 @@ on_connect(uv_connect_t *req, int status)
         link_fail(l, -ENOMEM, "out of memory");
         return;
     }
+    sched_metrics_inc(l->pool->s, "agent_links_opened", 1);
     while ((f = l->pending) != NULL) {
         l->pending = f->next;
         pd_conn_send_frame(l->conn, f->buf, f->len);
@@ -677,7 +680,7 @@ link_get(struct sched_agentc *p, const char *addr)
     return l;
 }
 
-/* ---- the interface ------------------------------------------------------- */
+/* ---- the interface ---------------------------------------------------- */
 
 int
 sched_agentc_init(struct sched *s, char *err, size_t errlen)
@@ -778,6 +781,7 @@ sched_agentc_send(struct sched *s, const char *rpc_addr, struct pd_enc *e,
     rv = link_send_buf(l, buf, len);
     if (rv != 0)
         return send_failed(q, rv);
+    sched_metrics_inc(s, "agent_requests", 1);
     /* Silence counts from when a reply is first awaited. */
     if (l->reqs == NULL)
         l->last_rx = pd_now_ms();

@@ -121,7 +121,7 @@ struct io {
 static void io_ensured(void *data, int code, const char *message,
                        const struct fsm_sandbox *sb, bool replaced);
 
-/* ---- small helpers ------------------------------------------------------ */
+/* ---- small helpers ---------------------------------------------------- */
 
 static int
 obuf_add(struct obuf *b, const void *p, size_t n)
@@ -271,7 +271,7 @@ proc_json(const msgpack_object *o)
     return p;
 }
 
-/* ---- the io object ------------------------------------------------------ */
+/* ---- the io object ---------------------------------------------------- */
 
 static void
 stop_keepalive(struct io *io)
@@ -489,7 +489,7 @@ io_route(struct io *io)
     io_maybe_free(io);
 }
 
-/* ---- request building --------------------------------------------------- */
+/* ---- request building ------------------------------------------------- */
 
 static void
 pack_jstr(struct pd_enc *e, json_t *s)
@@ -608,7 +608,7 @@ check_command(json_t *b, char *msg, size_t len)
     return 0;
 }
 
-/* ---- reply callbacks ---------------------------------------------------- */
+/* ---- reply callbacks -------------------------------------------------- */
 
 /* Grants consumed bytes now, or after the HTTP queue drained. */
 static void
@@ -1007,6 +1007,7 @@ read_frame(struct sched_areq *q, const struct pd_msg *m, void *data)
     if (n > 0)
         pd_http_write(io->r, p, n);
     io->sent += n;
+    sched_metrics_inc(io->s, "file_bytes_read", n);
     if (io->sent >= io->size) {
         struct pd_http_req *r = io->r;
 
@@ -1042,7 +1043,7 @@ read_end(struct sched_areq *q, int status, const struct pd_msg *m,
     io_maybe_free(io);
 }
 
-/* ---- uploads ------------------------------------------------------------ */
+/* ---- uploads ---------------------------------------------------------- */
 
 static void upload_pump(struct io *io);
 
@@ -1057,6 +1058,7 @@ up_data(struct pd_http_req *r, const char *data, size_t len, void *arg)
         return;
     }
     io->up_bytes += len;
+    sched_metrics_inc(io->s, "file_bytes_written", len);
     io->busy++;
     upload_pump(io);
     io->busy--;
@@ -1175,7 +1177,7 @@ start_upload(struct io *io)
         io_fail(io, 500, "internal", "the request body was already read");
 }
 
-/* ---- sending ------------------------------------------------------------- */
+/* ---- sending ---------------------------------------------------------- */
 
 static const struct sched_areq_cb exec_cb = {exec_frame, exec_end, NULL};
 static const struct sched_areq_cb ok_cb = {ok_frame, ok_end, NULL};
@@ -1344,14 +1346,16 @@ io_ensured(void *data, int code, const char *message,
     }
     pd_strlcpy(io->rpc_addr, n.rpc_addr, sizeof(io->rpc_addr));
     fsm_node_clear(&n);
-    if (replaced)
+    if (replaced) {
+        sched_metrics_inc(io->s, "sandboxes_replaced_on_use", 1);
         pd_info(io->sandbox, "was lost; placed again on node %s before "
                 "routing", io->node);
+    }
     io_send(io);
     io_maybe_free(io);
 }
 
-/* ---- input -------------------------------------------------------------- */
+/* ---- input ------------------------------------------------------------ */
 
 static const struct pd_json_field exec_fields[] = {
     {"argv", PD_JSON_STRINGS, false},
@@ -1622,7 +1626,7 @@ proc_param(struct io *io, const struct pd_http_params *p)
     return 0;
 }
 
-/* ---- routes ------------------------------------------------------------- */
+/* ---- routes ----------------------------------------------------------- */
 
 static const char *const no_query[] = {NULL};
 

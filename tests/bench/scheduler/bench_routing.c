@@ -64,7 +64,7 @@ report(const char *what, uint64_t *us, unsigned n)
     return pct(us, n, 50);
 }
 
-/* ---- direct: agentc --------------------------------------------------------- */
+/* ---- direct: agentc --------------------------------------------------- */
 
 static struct sched S;
 static int ended, failed;
@@ -139,7 +139,7 @@ bench_direct(uint64_t *us)
     return 0;
 }
 
-/* ---- routed: HTTP ----------------------------------------------------------- */
+/* ---- routed: HTTP ----------------------------------------------------- */
 
 static int
 http_connect(const char *addr)

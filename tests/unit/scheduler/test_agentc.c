@@ -22,7 +22,7 @@
 
 #define CHUNK (64u << 10)
 
-/* ---- the scripted agent --------------------------------------------------- */
+/* ---- the scripted agent ----------------------------------------------- */
 
 struct fstream {
     uint64_t id;
@@ -153,6 +153,16 @@ fa_on_msg(struct pd_conn *c, const struct pd_msg *m)
     case PD_MSG_PROC_LIST:
         pd_conn_send_error(c, m->id, ENOENT, "no such thing");
         return;
+    case PD_MSG_TUNNEL_OPEN:
+        pd_enc_begin(&e, PD_MSG_OK, m->id);
+        pd_conn_send(c, &e);
+        pd_enc_begin(&e, PD_MSG_DATA, m->id);
+        pd_enc_bin(&e, "data", "pong", 4);
+        pd_conn_send(c, &e);
+        pd_enc_begin(&e, PD_MSG_DATA, m->id);
+        pd_enc_bool(&e, "eof", true);
+        pd_conn_send(c, &e);
+        return;
     case PD_MSG_CANCEL:
         fa.cancels++;
         return;
@@ -216,7 +226,7 @@ listen_on(uv_tcp_t *t, uv_connection_cb cb)
     return ntohs(((struct sockaddr_in *)&b)->sin_port);
 }
 
-/* ---- the client under test ------------------------------------------------ */
+/* ---- the client under test -------------------------------------------- */
 
 static struct sched S;
 static char addr[64];
@@ -550,6 +560,25 @@ test_connect_failures(void **state)
     assert_true(bad.status < 0);
 }
 
+/* A tunnel's first OK opens it and it ends once eof went both ways. */
+static void
+test_tunnel_ends_both_ways(void **state)
+{
+    struct rec r = {0};
+    struct pd_enc e;
+
+    (void)state;
+    request(addr, PD_MSG_TUNNEL_OPEN, &r, 0);
+    run_until(&r.frames, 3); /* OK, DATA "pong", DATA eof */
+    assert_int_equal(r.ends, 0);
+    assert_int_equal(r.bytes, 4);
+    pd_enc_begin(&e, PD_MSG_DATA, 0);
+    pd_enc_bool(&e, "eof", true);
+    assert_int_equal(sched_areq_send(r.q, &e), 0);
+    assert_int_equal(r.ends, 1);
+    assert_int_equal(r.status, 0);
+}
+
 /* A link that answers nothing, not even PINGs, fails its requests. */
 static void
 test_silent_agent(void **state)
@@ -602,6 +631,7 @@ main(void)
         cmocka_unit_test(test_multiplex_cancel),
         cmocka_unit_test(test_broken_link),
         cmocka_unit_test(test_connect_failures),
+        cmocka_unit_test(test_tunnel_ends_both_ways),
         cmocka_unit_test(test_silent_agent),
     };
 
