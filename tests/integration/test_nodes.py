@@ -240,3 +240,29 @@ def test_bad_input_on_the_rpc_port_is_refused(cluster):
                 s.sendall(b"\x00\x00\x00\x05hello")
                 s.recv(10)
     assert nodes(cluster)["n2"]["state"] == "ready"
+
+
+def test_new_leader_keeps_nodes_up_and_takes_their_sessions(cluster):
+    # Last: it stops a scheduler for good. A graceful stop hands the
+    # leadership over; the old leader, now a follower, redirects its
+    # sessions, the agents register with the new leader, and the new
+    # leader (which heard no heartbeat before its election) gives every
+    # node a full grace period instead of judging it at once.
+    old = cluster.leader()
+    logs_before = {a["name"]: len(a["proc"].log()) for a in cluster.agents}
+    old["proc"].stop()
+    rest = [s for s in cluster.sched if s is not old]
+    new = wait_for(lambda: cluster.leader(), 30, "a new leader")
+    assert new is not old
+    deadline = time.monotonic() + GRACE_S + 2 * HEARTBEAT_S
+    while time.monotonic() < deadline:
+        ns = nodes(cluster, at=new)
+        assert all(n["state"] == "ready" for n in ns.values()), ns
+        time.sleep(0.2)
+    for a in cluster.agents:
+        tail = a["proc"].log()[logs_before[a["name"]]:]
+        assert "registered with leader " + new["rpc"] in tail, tail
+    # Writes still work on the new leader (drain on and off).
+    st, _h, body = cluster.api("POST", "/v1/nodes/n2/drain",
+                               {"drain": False}, at=rest[0])
+    assert st in (200, 202, 204), body
