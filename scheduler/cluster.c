@@ -592,8 +592,9 @@ addr_field(struct pd_http_req *r, json_t *body, const char *name,
     }
     colon = strrchr(a, ':');
     if (strlen(a) >= outlen || colon == NULL || colon == a ||
-        colon[1] == '\0' || strspn(colon + 1, "0123456789") !=
-        strlen(colon + 1)) {
+        colon[1] == '\0' || strlen(colon + 1) > 5 ||
+        strspn(colon + 1, "0123456789") != strlen(colon + 1) ||
+        atoi(colon + 1) < 1 || atoi(colon + 1) > 65535) {
         pd_http_respond_error(r, 400, "invalid_argument",
                               "field '%s': \"%.100s\" is not host:port",
                               name, a);

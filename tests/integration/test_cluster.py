@@ -235,7 +235,12 @@ def test_bad_input_gets_clear_4xx(lc):
             ("POST", "/v1/cluster/members", {"id": -1, "raft_addr":
                                              "127.0.0.1:1"}, 400,
              "invalid_argument"),
+            ("POST", "/v1/cluster/members", {"id": 9, "raft_addr":
+                                             "127.0.0.1:99999"}, 400,
+             "invalid_argument"),
             ("DELETE", "/v1/cluster/members/77", None, 404, "not_found"),
+            ("DELETE", "/v1/cluster/members/x", None, 400,
+             "invalid_argument"),
             ("GET", "/v1/nothing-here", None, 404, None),
             ("PATCH", "/v1/sandboxes", None, 405, None),
         ]
