@@ -444,6 +444,21 @@ static const struct sched_areq_cb assign_cb = {
     .on_end = on_assign_end,
 };
 
+/*
+ * Sends a request for the op. sched_agentc_send may call on_end (which
+ * frees the op) before it returns NULL, so o is touched only when it
+ * returned a request.
+ */
+static void
+op_send(struct op *o, struct pd_enc *e, const struct sched_areq_cb *cb)
+{
+    struct sched_areq *q = sched_agentc_send(o->lc->s, o->rpc_addr, e, cb,
+                                             o);
+
+    if (q != NULL)
+        o->areq = q;
+}
+
 static void
 op_create_on_agent(struct op *o)
 {
@@ -451,7 +466,7 @@ op_create_on_agent(struct op *o)
 
     encode_create(&e, op_sandbox(o), &o->row.spec);
     o->assign_deadline_ms = pd_now_ms() + ASSIGN_TIMEOUT_MS;
-    o->areq = sched_agentc_send(o->lc->s, o->rpc_addr, &e, &assign_cb, o);
+    op_send(o, &e, &assign_cb);
 }
 
 /* Re-placement: make sure the node holds no older VM of this id. */
@@ -496,7 +511,7 @@ op_assign(struct op *o)
         pd_enc_begin(&e, PD_MSG_SANDBOX_DESTROY, 0);
         pd_enc_str(&e, "sandbox", op_sandbox(o));
         o->assign_deadline_ms = pd_now_ms() + ASSIGN_TIMEOUT_MS;
-        o->areq = sched_agentc_send(s, o->rpc_addr, &e, &clear_cb, o);
+        op_send(o, &e, &clear_cb);
         return;
     }
     op_create_on_agent(o);
@@ -1273,7 +1288,7 @@ sched_sandbox_destroy(struct sched *s, const char *id, sched_sandbox_cb cb,
             pd_enc_begin(&e, PD_MSG_SANDBOX_DESTROY, 0);
             pd_enc_str(&e, "sandbox", id);
             o->assign_deadline_ms = 0;
-            o->areq = sched_agentc_send(s, o->rpc_addr, &e, &destroy_cb, o);
+            op_send(o, &e, &destroy_cb);
             return 0;
         }
     }
