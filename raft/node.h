@@ -22,6 +22,8 @@
  *     a fresh FSM: the FSM is in memory, so restore plus replay rebuilds it.
  *   - raft 0.15 has no callback on state changes; raftnode polls the state
  *     every RAFTNODE_POLL_MS and reports changes through on_state.
+ *   - raft_uv writes to peers with plain writev: the process must ignore
+ *     SIGPIPE, or a peer that dies mid-write kills this member too.
  *
  * Errors are negative errno values, with the reason in raftnode_errmsg.
  */
