@@ -97,6 +97,9 @@ int server_init(const char *port_name);
  * good: unlike QEMU's port, a socketpair never comes back.
  */
 int server_init_fd(int fd);
+/* How long a queue the host does not read may sit before its session ends
+ * (see server.c). */
+void server_set_stall_ms(unsigned ms);
 
 /* Registers or forgets a live request of the current connection. */
 void greq_add(struct greq *r, uint64_t id, unsigned type,

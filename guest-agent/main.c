@@ -16,6 +16,8 @@
  *   paddock.net=0|1        DHCP on eth0 when present (default 1)
  *   paddock.pids_max=N     process cap per exec or process (default 1024)
  *   paddock.log=LEVEL      debug, info, warn or error (default info)
+ *   paddock.host_stall_ms=N  end the session of a host that reads nothing
+ *                          for N ms while replies wait (default 30000)
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -48,6 +50,7 @@ static struct {
     char port[64];
     bool net;
     unsigned pids_max;
+    unsigned stall_ms;
     char log[16];
 } cfg = {.id = "paddock", .port = DEFAULT_PORT, .net = true,
          .pids_max = 1024, .log = "info"};
@@ -118,6 +121,8 @@ read_cmdline(void)
             cfg.net = strcmp(t + 12, "0") != 0;
         else if (strncmp(t, "paddock.pids_max=", 17) == 0)
             cfg.pids_max = (unsigned)strtoul(t + 17, NULL, 10);
+        else if (strncmp(t, "paddock.host_stall_ms=", 22) == 0)
+            cfg.stall_ms = (unsigned)strtoul(t + 22, NULL, 10);
         else if (strncmp(t, "paddock.log=", 12) == 0)
             pd_strlcpy(cfg.log, t + 12, sizeof(cfg.log));
     }
@@ -376,6 +381,7 @@ main(int argc, char **argv)
     start_dhcp();
     loop_init();
 
+    server_set_stall_ms(cfg.stall_ms);
     rv = server_init(cfg.port);
     if (rv != 0)
         pd_log_errno(PD_LOG_ERROR, -rv, "init",

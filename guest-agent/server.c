@@ -15,8 +15,20 @@
  *
  * Bad input: a frame that does not decode is skipped and answered with
  * ERROR {EPROTO} under id 0; a length prefix over the cap desynchronises
- * the stream, so the agent then ignores input until the host reconnects.
- * Either way the agent goes on serving.
+ * the stream, so the agent then skips input until it finds a complete host
+ * HELLO frame in it, which starts a new session. A reconnect is not enough
+ * to end that state: when the host leaves and a new one connects faster
+ * than the agent reads, the port never reports the hangup, and the new
+ * host's HELLO arrives on what looks like the same stream. Either way the
+ * agent goes on serving.
+ *
+ * A hung host (connected, but reading nothing): the port is non-blocking
+ * and streams pause at the write queue's high water, so the agent never
+ * waits on it; only replies still queue. When the queue has made no
+ * progress for stall_ms (paddock.host_stall_ms, default 30 s), the agent
+ * ends the session as if the host had gone, dropping the queue, and
+ * skips input until a HELLO as above. Memory held for a dead reader is
+ * thus bounded in time, and background processes go on.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -35,7 +47,10 @@
 #include "guest-agent/guest.h"
 
 #define HANGUP_CHECK_MS 20
+#define STALL_DEFAULT_MS 30000
 #define READ_BUF (256u << 10)
+/* Largest host HELLO the resync scan recognises (a real one is ~40). */
+#define HELLO_MAX 256
 
 struct qbuf {
     unsigned char *data;
@@ -55,8 +70,14 @@ static struct {
     struct greq *reqs;
     struct gwatch watch;
     struct gtimer check;
+    struct gtimer stall;      /* watches a queue that does not move */
+    uint64_t last_progress;   /* when the queue last moved (or filled) */
+    unsigned stall_ms;
     unsigned char *rbuf;
-} chan = {.fd = -1};
+    unsigned char *sync;    /* input scanned for a HELLO while out of step */
+    size_t sync_len;
+} chan = {.fd = -1, .stall_ms = STALL_DEFAULT_MS,
+           .stall = {.slot = -1}};
 
 /* ---- port discovery ---------------------------------------------------- */
 
@@ -134,6 +155,10 @@ queue_frame(void *buf, size_t len)
     }
     q->data = buf;
     q->len = len;
+    if (chan.qhead == NULL) {
+        chan.last_progress = pd_now_ms();
+        timer_arm(&chan.stall, chan.stall_ms);
+    }
     if (chan.qtail != NULL)
         chan.qtail->next = q;
     else
@@ -222,6 +247,7 @@ queue_write(void)
         }
         q->off += (size_t)n;
         chan.queued -= (size_t)n;
+        chan.last_progress = pd_now_ms();
         if (q->off < q->len)
             continue;
         chan.qhead = q->next;
@@ -341,6 +367,7 @@ on_hello(const struct pd_msg *m)
                    "guest speaks %d", (unsigned long long)v,
                    PD_PROTO_VERSION);
         chan.broken = true;
+        chan.sync_len = 0;
         return;
     }
     chan.session = true;
@@ -477,14 +504,107 @@ decode_all(void)
         chan.session = true;
         chan_error(0, EPROTO, "bad frame: %s", chan.dec.err);
         if (!skip_bad_frame()) {
-            pd_warn("channel", "stream out of step; ignoring input until "
-                    "the host reconnects");
+            pd_warn("channel", "stream out of step; skipping input until "
+                    "a host HELLO");
             chan.broken = true;
+            chan.sync_len = 0;
         }
     }
 }
 
+/* ---- resync: finding a HELLO in a stream that is out of step ----------- */
+
+static bool
+map_header(unsigned char b)
+{
+    return (b >= 0x80 && b <= 0x8f) || b == 0xde || b == 0xdf;
+}
+
+/* A complete, valid HELLO frame at f, with len bytes available. */
+static bool
+hello_at(const unsigned char *f, size_t len)
+{
+    uint32_t flen;
+    struct pd_msg m;
+    char err[64];
+    unsigned type;
+
+    if (len < 5)
+        return false;
+    flen = (uint32_t)f[0] << 24 | (uint32_t)f[1] << 16 |
+           (uint32_t)f[2] << 8 | f[3];
+    if (flen < 8 || flen > HELLO_MAX || flen > len - 4 || !map_header(f[4]))
+        return false;
+    if (pd_msg_decode(f + 4, flen, &m, err, sizeof(err)) != 0)
+        return false;
+    type = m.type;
+    pd_msg_release(&m);
+    return type == PD_MSG_HELLO;
+}
+
+/*
+ * Scans new input for a HELLO. The last HELLO_MAX + 4 bytes are kept
+ * between reads, so a HELLO split across two reads is found too. On a
+ * find, the decoder restarts at the HELLO and the session with it.
+ */
+static void
+resync(const unsigned char *p, size_t n)
+{
+    size_t keep = HELLO_MAX + 4;
+
+    memcpy(chan.sync + chan.sync_len, p, n);
+    chan.sync_len += n;
+    for (size_t i = 0; i + 5 <= chan.sync_len; i++) {
+        if (!hello_at(chan.sync + i, chan.sync_len - i))
+            continue;
+        pd_info("channel", "a host HELLO in the input; back in step");
+        pd_decoder_free(&chan.dec);
+        pd_decoder_init(&chan.dec, PD_FRAME_MAX);
+        chan.broken = false;
+        if (pd_decoder_feed(&chan.dec, chan.sync + i,
+                            chan.sync_len - i) != 0) {
+            chan.broken = true;
+            return;
+        }
+        chan.sync_len = 0;
+        decode_all();
+        return;
+    }
+    if (chan.sync_len > keep) {
+        memmove(chan.sync, chan.sync + chan.sync_len - keep, keep);
+        chan.sync_len = keep;
+    }
+}
+
 /* ---- the port's watch -------------------------------------------------- */
+
+static void
+stall_check(struct gtimer *t)
+{
+    uint64_t idle;
+
+    (void)t;
+    if (chan.qhead == NULL || !chan.host_up)
+        return;
+    idle = pd_now_ms() - chan.last_progress;
+    if (idle < chan.stall_ms) {
+        timer_arm(&chan.stall, chan.stall_ms - idle);
+        return;
+    }
+    pd_warn("channel", "host read nothing for %llu ms with %zu bytes "
+            "queued; ending its session, input skipped until a HELLO",
+            (unsigned long long)idle, chan.queued);
+    session_end("the host stopped reading", false);
+    chan.broken = true;
+    chan.sync_len = 0;
+}
+
+void
+server_set_stall_ms(unsigned ms)
+{
+    if (ms > 0)
+        chan.stall_ms = ms;
+}
 
 static void
 host_down(const char *why)
@@ -519,11 +639,16 @@ chan_ready(struct gwatch *w, short rev)
                 host_down(n == 0 ? "host closed" : strerror(errno));
                 return;
             }
-            if (chan.broken)
+            if (chan.broken) {
+                resync(chan.rbuf, (size_t)n);
+                if (!chan.host_up)
+                    return;
                 continue;
+            }
             if (pd_decoder_feed(&chan.dec, chan.rbuf, (size_t)n) != 0) {
                 pd_warn("channel", "out of memory buffering input");
                 chan.broken = true;
+                chan.sync_len = 0;
                 continue;
             }
             decode_all();
@@ -567,6 +692,7 @@ serve(int fd)
     chan.watch.slot = -1;
     chan.check.fire = chan_check;
     chan.check.slot = -1;
+    chan.stall.fire = stall_check;
     watch_add(&chan.watch);
     chan_check(&chan.check);
 }
@@ -579,7 +705,8 @@ server_init(const char *port_name)
 
     pd_decoder_init(&chan.dec, PD_FRAME_MAX);
     chan.rbuf = malloc(READ_BUF);
-    if (chan.rbuf == NULL)
+    chan.sync = malloc(READ_BUF + HELLO_MAX + 4);
+    if (chan.rbuf == NULL || chan.sync == NULL)
         return -ENOMEM;
 
     /* The port appears once the host's control message is handled. */
@@ -610,7 +737,8 @@ server_init_fd(int fd)
 
     pd_decoder_init(&chan.dec, PD_FRAME_MAX);
     chan.rbuf = malloc(READ_BUF);
-    if (chan.rbuf == NULL)
+    chan.sync = malloc(READ_BUF + HELLO_MAX + 4);
+    if (chan.rbuf == NULL || chan.sync == NULL)
         return -ENOMEM;
     rv = fd_nonblock(fd);
     if (rv != 0)

@@ -51,6 +51,7 @@ guest_poweroff(void)
 struct agent {
     pid_t pid;
     int fd;
+    int log_fd; /* the agent's stderr, when a test reads its log */
     struct pd_decoder dec;
     char dir[64];
 };
@@ -60,16 +61,17 @@ struct agent {
 static char *env[] = {"PATH=/usr/bin:/bin", "HOME=/", NULL};
 
 static void __attribute__((noreturn))
-agent_main(int fd)
+agent_main(int fd, unsigned stall_ms, bool log)
 {
     int rv;
 
     /* A failed test may skip its teardown: never outlive the test. */
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     guest_base_env = env;
-    pd_log_init("test-agent", PD_LOG_ERROR);
+    pd_log_init("test-agent", log ? PD_LOG_WARN : PD_LOG_ERROR);
     signal(SIGPIPE, SIG_IGN);
     loop_init();
+    server_set_stall_ms(stall_ms);
     rv = server_init_fd(fd);
     if (rv != 0)
         _exit(3);
@@ -87,15 +89,26 @@ agent_stop(struct agent *a)
     }
     if (a->fd >= 0)
         close(a->fd);
+    if (a->log_fd >= 0)
+        close(a->log_fd);
     pd_decoder_free(&a->dec);
     if (a->dir[0] != '\0')
         pd_rm_rf(a->dir);
     free(a);
 }
 
-/* Starts an agent; with hello, also does the HELLO exchange. */
+/*
+ * Starts an agent; with hello, also does the HELLO exchange. stall_ms 0
+ * keeps the default; with log, the agent's stderr goes to a->log_fd.
+ */
 static struct agent *
-agent_start(bool hello);
+agent_start_with(bool hello, unsigned stall_ms, bool log);
+
+static struct agent *
+agent_start(bool hello)
+{
+    return agent_start_with(hello, 0, false);
+}
 
 static int
 setup(void **state)
@@ -208,13 +221,16 @@ ping(struct agent *a, uint64_t id)
 }
 
 static struct agent *
-agent_start(bool with_hello)
+agent_start_with(bool with_hello, unsigned stall_ms, bool log)
 {
     struct agent *a = calloc(1, sizeof(*a));
-    int sv[2];
+    int sv[2], lp[2] = {-1, -1};
 
     assert_non_null(a);
     a->fd = -1;
+    a->log_fd = -1;
+    if (log)
+        assert_int_equal(pipe2(lp, O_CLOEXEC), 0);
     pd_decoder_init(&a->dec, PD_FRAME_MAX);
     pd_strlcpy(a->dir, "/tmp/pd-guest-unit.XXXXXX", sizeof(a->dir));
     assert_non_null(mkdtemp(a->dir));
@@ -224,10 +240,16 @@ agent_start(bool with_hello)
     assert_true(a->pid >= 0);
     if (a->pid == 0) {
         close(sv[0]);
-        agent_main(sv[1]);
+        if (log)
+            dup2(lp[1], 2);
+        agent_main(sv[1], stall_ms, log);
     }
     close(sv[1]);
     a->fd = sv[0];
+    if (log) {
+        close(lp[1]);
+        a->log_fd = lp[0];
+    }
     if (with_hello) {
         const struct pd_msg *m;
         char role[16] = "";
@@ -287,6 +309,134 @@ test_a_second_hello_restarts_the_session(void **state)
     hello(a, PD_PROTO_VERSION);
     expect(a, PD_MSG_HELLO, 0);
     ping(a, 50);
+}
+
+/* Waits up to WAIT_MS for the agent's log to hold text. */
+static void
+expect_log(struct agent *a, const char *text)
+{
+    uint64_t end = pd_now_ms() + WAIT_MS;
+    static char log[65536];
+    size_t len = 0;
+
+    while (pd_now_ms() < end) {
+        struct pollfd p = {.fd = a->log_fd, .events = POLLIN};
+        ssize_t n;
+
+        if (poll(&p, 1, 100) <= 0)
+            continue;
+        n = read(a->log_fd, log + len, sizeof(log) - 1 - len);
+        if (n <= 0)
+            break;
+        len += (size_t)n;
+        log[len] = '\0';
+        if (strstr(log, text) != NULL)
+            return;
+    }
+    fail_msg("the agent never logged \"%s\"; its log: %s", text, log);
+}
+
+/* A host that stops reading loses its session after the stall time;
+ * the agent neither blocks nor keeps the queue. */
+static void
+test_host_that_stops_reading_loses_its_session(void **state)
+{
+    struct agent *a = agent_start_with(true, 300, true);
+    struct pd_enc e;
+    uint64_t end;
+
+    (void)state;
+    /* A collected exec whose 1.5 MiB reply overfills the socketpair. */
+    pd_enc_begin(&e, PD_MSG_EXEC, 5);
+    pd_enc_str(&e, "command", "head -c 3000000 /dev/zero");
+    pd_enc_u64(&e, "output_max", 3u << 19);
+    send_enc(a, &e);
+    expect_log(a, "host read nothing");
+    /* What was sent is only the start of that reply; nothing follows,
+     * and input is ignored until a reconnect. */
+    pd_enc_begin(&e, PD_MSG_PING, 6);
+    send_enc(a, &e);
+    end = pd_now_ms() + 1000;
+    while (pd_now_ms() < end) {
+        const struct pd_msg *m;
+        unsigned char buf[65536];
+        struct pollfd p = {.fd = a->fd, .events = POLLIN};
+        ssize_t n;
+
+        assert_true(pd_decoder_next(&a->dec, &m) >= 0);
+        if (poll(&p, 1, 50) <= 0)
+            continue;
+        n = read(a->fd, buf, sizeof(buf));
+        if (n <= 0)
+            break;
+        assert_int_equal(pd_decoder_feed(&a->dec, buf, (size_t)n), 0);
+        while (pd_decoder_next(&a->dec, &m) == 1)
+            fail_msg("%s id %llu arrived after the session ended",
+                     pd_msg_type_name(m->type), (unsigned long long)m->id);
+    }
+    agent_stop(a);
+}
+
+/* Nothing at all arrives within ms. */
+static void
+expect_silence(struct agent *a, unsigned ms)
+{
+    uint64_t end = pd_now_ms() + ms;
+    const struct pd_msg *m;
+
+    while (pd_now_ms() < end) {
+        unsigned char buf[4096];
+        struct pollfd p = {.fd = a->fd, .events = POLLIN};
+        ssize_t n;
+
+        if (poll(&p, 1, 50) <= 0)
+            continue;
+        n = read(a->fd, buf, sizeof(buf));
+        assert_true(n > 0);
+        assert_int_equal(pd_decoder_feed(&a->dec, buf, (size_t)n), 0);
+        if (pd_decoder_next(&a->dec, &m) == 1)
+            fail_msg("%s id %llu arrived", pd_msg_type_name(m->type),
+                     (unsigned long long)m->id);
+    }
+}
+
+/* A length over the cap puts the stream out of step: input is skipped
+ * until a host HELLO, even one split across writes, starts over. */
+static void
+test_out_of_step_stream_resyncs_on_hello(void **state)
+{
+    struct agent *a = agent_start(true);
+    struct pd_enc e;
+    void *frame;
+    size_t len;
+
+    (void)state;
+    send_raw(a, "GET / HTTP/1.1\r\n\r\n", 18);
+    expect_error(a, 0, "EPROTO");
+    pd_enc_begin(&e, PD_MSG_PING, 7);
+    send_enc(a, &e);
+    expect_silence(a, 300);
+    send_raw(a, "more junk \xc1\xc1", 12);
+    pd_enc_begin(&e, PD_MSG_HELLO, 0);
+    pd_enc_u64(&e, "v", PD_PROTO_VERSION);
+    pd_enc_str(&e, "role", "agent");
+    assert_int_equal(pd_enc_finish(&e, &frame, &len), 0);
+    send_raw(a, frame, 5);
+    expect_silence(a, 100);
+    send_raw(a, (unsigned char *)frame + 5, len - 5);
+    free(frame);
+    expect(a, PD_MSG_HELLO, 0);
+    ping(a, 8);
+    /* A HELLO with another version also leaves the stream waiting. */
+    hello(a, PD_PROTO_VERSION + 1);
+    expect_error(a, 0, "EPROTO");
+    pd_enc_begin(&e, PD_MSG_PING, 9);
+    send_enc(a, &e);
+    expect_silence(a, 200);
+    hello(a, PD_PROTO_VERSION);
+    expect(a, PD_MSG_HELLO, 0);
+    ping(a, 10);
+    agent_stop(a);
 }
 
 /* ---- bad frames ----------------------------------------------------------- */
@@ -628,6 +778,8 @@ main(void)
     const struct CMUnitTest alone[] = {
         cmocka_unit_test(test_request_before_hello_is_refused),
         cmocka_unit_test(test_wrong_version_is_refused),
+        cmocka_unit_test(test_host_that_stops_reading_loses_its_session),
+        cmocka_unit_test(test_out_of_step_stream_resyncs_on_hello),
     };
     const struct CMUnitTest shared[] = {
         cmocka_unit_test(test_a_second_hello_restarts_the_session),
