@@ -762,7 +762,9 @@ node_json(const struct fsm_node *n)
 {
     return json_pack("{s:s,s:s,s:s,s:b,s:I,s:{s:I,s:I,s:I},s:{s:I,s:I,s:I},"
                      "s:o,s:I,s:I}",
-                     "id", n->id, "state", fsm_node_state_name(n),
+                     "id", n->id,
+                     /* Draining is its own field (the CLI shows both). */
+                     "state", n->state == FSM_NODE_DOWN ? "down" : "ready",
                      "address", n->rpc_addr, "draining", n->draining,
                      "sandboxes", (json_int_t)n->n_sandboxes,
                      "capacity", "cpus", (json_int_t)n->cpus,
