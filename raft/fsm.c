@@ -1418,8 +1418,11 @@ fsm_apply_cmd(struct fsm *f, const struct fsm_cmd *cmd,
 
 #define SNAP_HDR 16 /* magic, then the database length, big-endian */
 
-int
-fsm_snapshot_bytes(struct fsm *f, void **out, size_t *out_len)
+/* The snapshot in memory from alloc (malloc for callers, raft_malloc
+ * for raft, which frees it itself): one copy of the database, not two. */
+static int
+snapshot_alloc(struct fsm *f, void *(*alloc)(size_t), void **out,
+               size_t *out_len)
 {
     sqlite3_int64 size = 0;
     unsigned char *db, *p;
@@ -1427,7 +1430,7 @@ fsm_snapshot_bytes(struct fsm *f, void **out, size_t *out_len)
     db = sqlite3_serialize(f->db, "main", &size, 0);
     if (db == NULL)
         return fsm_sql_fail(f, "serialize");
-    p = malloc(SNAP_HDR + (size_t)size);
+    p = alloc(SNAP_HDR + (size_t)size);
     if (p == NULL) {
         sqlite3_free(db);
         return -ENOMEM;
@@ -1440,6 +1443,12 @@ fsm_snapshot_bytes(struct fsm *f, void **out, size_t *out_len)
     *out = p;
     *out_len = SNAP_HDR + (size_t)size;
     return 0;
+}
+
+int
+fsm_snapshot_bytes(struct fsm *f, void **out, size_t *out_len)
+{
+    return snapshot_alloc(f, malloc, out, out_len);
 }
 
 /* True when db looks like a database this FSM wrote: sqlite accepts it
@@ -1557,23 +1566,16 @@ fsm_raft_snapshot(struct raft_fsm *rfsm, struct raft_buffer *bufs[],
                   unsigned *n_bufs)
 {
     struct fsm *f = rfsm->data;
-    struct raft_buffer *b;
-    void *data;
-    size_t len;
+    struct raft_buffer *b = raft_malloc(sizeof(*b));
+    int rv;
 
-    if (fsm_snapshot_bytes(f, &data, &len) != 0)
-        return RAFT_IOERR;
-    b = raft_malloc(sizeof(*b));
-    if (b != NULL)
-        b->base = raft_malloc(len);
-    if (b == NULL || b->base == NULL) {
-        raft_free(b);
-        free(data);
+    if (b == NULL)
         return RAFT_NOMEM;
+    rv = snapshot_alloc(f, raft_malloc, &b->base, &b->len);
+    if (rv != 0) {
+        raft_free(b);
+        return rv == -ENOMEM ? RAFT_NOMEM : RAFT_IOERR;
     }
-    memcpy(b->base, data, len);
-    b->len = len;
-    free(data);
     *bufs = b;
     *n_bufs = 1;
     return 0;
