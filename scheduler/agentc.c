@@ -49,6 +49,9 @@
  * a stream with no output is otherwise indistinguishable from it. */
 #define PING_MS 3000
 #define DEAD_MS 10000
+/* A link unused this long is closed (an agent that moved to another
+ * address would otherwise keep its old link forever). */
+#define IDLE_MS (5 * 60 * 1000)
 #define GRANT_BATCH (256u << 10)
 #define ADDR_MAX 128
 /* pd_enc_begin's placeholder: length (4), map32 tag and count (5). */
@@ -67,6 +70,7 @@ struct alink {
     uv_timer_t timer;          /* connect deadline */
     uv_timer_t ping;           /* liveness while requests are open */
     uint64_t last_rx;          /* when the agent last sent anything */
+    uint64_t last_use;         /* when a request last ended or began */
     uv_connect_t creq;
     uv_tcp_t *tcp;             /* while TCP connects */
     struct pd_conn *conn;      /* from TCP up to its on_close */
@@ -183,6 +187,7 @@ req_unlink(struct sched_areq *q)
 
     if (q->link == NULL)
         return;
+    q->link->last_use = pd_now_ms();
     for (pp = &q->link->reqs; *pp != NULL; pp = &(*pp)->next) {
         if (*pp == q) {
             *pp = q->next;
@@ -420,6 +425,10 @@ link_fail(struct alink *l, int err, const char *why)
         req_end(l->reqs, err, NULL);
         n++;
     }
+    if (err == 0 && n == 0) {
+        pd_debug(l->subject, "link closed (%s)", why);
+        return;
+    }
     if (l->pool != NULL && err != -ESHUTDOWN)
         sched_metrics_inc(l->pool->s, "agent_link_failures", 1);
     if (n > 0 || err != -ESHUTDOWN)
@@ -434,8 +443,21 @@ on_ping_timer(uv_timer_t *t)
     uint64_t quiet = pd_now_ms() - l->last_rx;
     struct pd_enc e;
 
-    if (l->conn == NULL || l->reqs == NULL)
+    if (l->conn == NULL)
         return;
+    if (l->reqs == NULL) {
+        struct pd_conn *c = l->conn;
+
+        if (pd_now_ms() - l->last_use < IDLE_MS)
+            return;
+        /* Detached first: a request arriving meanwhile connects anew
+         * instead of racing this close. */
+        l->conn = NULL;
+        l->ready = false;
+        uv_timer_stop(&l->ping);
+        pd_conn_close(c, 0, "idle for %d s", IDLE_MS / 1000);
+        return;
+    }
     if (quiet >= DEAD_MS) {
         l->dead = true;
         pd_conn_close(l->conn, -ETIMEDOUT, "agent silent for %llu ms "
@@ -454,6 +476,8 @@ link_on_msg(struct pd_conn *c, const struct pd_msg *m)
     struct alink *l = pd_conn_data(c);
     struct sched_areq *q;
 
+    if (c != l->conn)
+        return; /* an idle link being closed */
     l->last_rx = pd_now_ms();
     if (m->type == PD_MSG_HELLO) {
         if (strcmp(pd_conn_peer_role(c), "agent") != 0) {
@@ -487,6 +511,13 @@ link_on_close(struct pd_conn *c, int reason)
     char why[300];
     int err;
 
+    if (c != l->conn) {
+        /* An idle link closed by on_ping_timer: nothing was open. */
+        pd_debug(l->subject, "idle link closed");
+        l->handles--;
+        link_maybe_free(l);
+        return;
+    }
     snprintf(why, sizeof(why), "%s", pd_conn_error(c)[0] ? pd_conn_error(c)
                                                         : "closed by peer");
     l->conn = NULL;
@@ -498,6 +529,7 @@ link_on_close(struct pd_conn *c, int reason)
     }
     err = l->timed_out || l->dead ? -ETIMEDOUT
           : reason != 0           ? reason
+          : l->reqs == NULL       ? 0
                                   : -ECONNRESET;
     l->timed_out = false;
     l->dead = false;
@@ -512,6 +544,8 @@ link_on_drain(struct pd_conn *c)
     struct sched_areq *held[64];
     size_t n = 0;
 
+    if (c != l->conn)
+        return;
     /* Callbacks may end or cancel any request: hold them first. */
     for (struct sched_areq *q = l->reqs; q != NULL && n < 64; q = q->next) {
         if (q->cb.on_writable != NULL) {
@@ -785,6 +819,7 @@ sched_agentc_send(struct sched *s, const char *rpc_addr, struct pd_enc *e,
     /* Silence counts from when a reply is first awaited. */
     if (l->reqs == NULL)
         l->last_rx = pd_now_ms();
+    l->last_use = pd_now_ms();
     q->link = l;
     q->next = l->reqs;
     l->reqs = q;
