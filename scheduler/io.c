@@ -90,6 +90,7 @@ struct io {
     bool ensuring;            /* waiting for sched_sandbox_ensure */
     bool replaced;
     char sandbox[PD_ID_MAX + 1];
+    char subject[PD_ID_MAX + 16]; /* "sandbox <id>", for logs */
     char node[PD_ID_MAX + 1];
     char rpc_addr[128];
     uint64_t t0;
@@ -368,7 +369,7 @@ io_fail(struct io *io, int status, const char *code, const char *fmt, ...)
     if (pd_http_started(r)) {
         /* A download cut short: the unmet length closes the connection,
          * so the client cannot mistake it for the whole file. */
-        pd_info(io->sandbox, "download of %s cut short: %s", io->path, msg);
+        pd_info(io->subject, "download of %s cut short: %s", io->path, msg);
         pd_http_end(r);
         return;
     }
@@ -428,7 +429,7 @@ fail_from_agent(struct io *io, int status, const struct pd_msg *m)
 
     io->q = NULL;
     if (m == NULL) {
-        pd_info(io->sandbox, "node %s (%s) unreachable: %s", io->node,
+        pd_info(io->subject, "node %s (%s) unreachable: %s", io->node,
                 io->rpc_addr, strerror(-status));
         io_fail(io, 503, "unavailable", "node %s unreachable: %s",
                 io->node, strerror(-status));
@@ -437,7 +438,7 @@ fail_from_agent(struct io *io, int status, const struct pd_msg *m)
     pd_msg_cstr(m, "message", msg, sizeof(msg));
     errno_status(-status, msg, &http, &code);
     if (http == 500)
-        pd_warn(io->sandbox, "agent error %s: %s", pd_errno_name(-status),
+        pd_warn(io->subject, "agent error %s: %s", pd_errno_name(-status),
                 msg);
     io_fail(io, http, code, "%s", msg[0] ? msg : strerror(-status));
 }
@@ -473,6 +474,7 @@ io_new(struct sched_call *c, struct pd_http_req *r,
     io->kind = kind;
     io->t0 = pd_now_ms();
     pd_strlcpy(io->sandbox, id, sizeof(io->sandbox));
+    snprintf(io->subject, sizeof(io->subject), "sandbox %s", io->sandbox);
     pd_http_req_set_data(r, io);
     pd_http_on_abort(r, io_abort);
     return io;
@@ -1074,7 +1076,7 @@ up_end(struct pd_http_req *r, int err, void *arg)
     if (err != 0) {
         /* The client went away or sent a broken body: abandon the write
          * (the guest removes its temporary file). */
-        pd_info(io->sandbox, "upload of %s abandoned after %llu bytes: %s",
+        pd_info(io->subject, "upload of %s abandoned after %llu bytes: %s",
                 io->path, (unsigned long long)io->up_bytes, strerror(-err));
         io_done(io);
         pd_http_fail(r, err);
@@ -1348,7 +1350,7 @@ io_ensured(void *data, int code, const char *message,
     fsm_node_clear(&n);
     if (replaced) {
         sched_metrics_inc(io->s, "sandboxes_replaced_on_use", 1);
-        pd_info(io->sandbox, "was lost; placed again on node %s before "
+        pd_info(io->subject, "was lost; placed again on node %s before "
                 "routing", io->node);
     }
     io_send(io);

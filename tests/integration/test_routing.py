@@ -258,6 +258,7 @@ def test_100mib_upload_and_download_through_a_follower(cl, module_workdir):
     pid = cl.f["proc"].pid
     host, port = cl.f["api"].rsplit(":", 1)
 
+    t0 = time.monotonic()
     with RssWatch(pid) as up, open(local, "rb") as f:
         c = http.client.HTTPConnection(host, int(port), timeout=120)
         c.request("PUT", "/v1/sandboxes/rt-a/files?path=/workspace/blob",
@@ -267,8 +268,10 @@ def test_100mib_upload_and_download_through_a_follower(cl, module_workdir):
         body = json.loads(r.read())
         c.close()
     assert r.status == 200 and body["size"] == size, body
+    t_up = time.monotonic() - t0
 
     got = hashlib.sha256()
+    t0 = time.monotonic()
     n = 0
     with RssWatch(pid) as down:
         c = http.client.HTTPConnection(host, int(port), timeout=120)
@@ -284,6 +287,7 @@ def test_100mib_upload_and_download_through_a_follower(cl, module_workdir):
             n += len(chunk)
             got.update(chunk)
         c.close()
+    t_down = time.monotonic() - t0
     assert n == size and got.hexdigest() == want
     r = execj(cl, "rt-a", {"argv": ["sha256sum", "/workspace/blob"]})
     assert r["stdout"].split()[0] == want
@@ -291,8 +295,9 @@ def test_100mib_upload_and_download_through_a_follower(cl, module_workdir):
     # at most.
     for w in (up, down):
         assert w.peak - w.base < 48 << 10, (w.base, w.peak)
-    print("follower RSS: base %d KiB, peak %d KiB up, %d KiB down" % (
-        up.base, up.peak, down.peak))
+    print("100 MiB via follower: up %.1f MiB/s, down %.1f MiB/s; RSS base "
+          "%d KiB, peak %d KiB up, %d KiB down" % (
+              100 / t_up, 100 / t_down, up.base, up.peak, down.peak))
 
 
 def test_files_list_mkdir_rename_delete(cl):
