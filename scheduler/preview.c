@@ -844,6 +844,68 @@ tunnel_start(struct sched_preview *pv, struct pd_http_req *r,
         sched_areq_manual_window(t->q);
 }
 
+/* A sandbox that is not running yet (starting, or lost with its node and
+ * placed again on first use): the request waits for it, bounded by
+ * lifecycle.c's own deadline. */
+struct pensure {
+    struct sched_preview *pv;
+    struct pd_http_req *r;
+    struct fsm_port fp;
+    bool aborted;
+};
+
+static void
+ensure_abort(struct pd_http_req *r, void *arg)
+{
+    struct pensure *e = arg;
+
+    (void)r;
+    e->aborted = true; /* r is still ours to finish in ensure_done */
+}
+
+static void
+ensure_done(void *data, int code, const char *message,
+            const struct fsm_sandbox *sb, bool replaced)
+{
+    struct pensure *e = data;
+    char subj[PD_ID_MAX + 16];
+
+    if (code != 0 || sb == NULL) {
+        pd_http_add_header(e->r, "Retry-After", "1");
+        pd_http_respond_error(e->r, 503, "unavailable", "%s",
+                              message != NULL && message[0] != '\0'
+                                  ? message : "sandbox not running");
+    } else if (e->aborted) {
+        pd_http_respond_error(e->r, 503, "unavailable", "client gone");
+    } else {
+        if (replaced) {
+            snprintf(subj, sizeof(subj), "sandbox %s", sb->id);
+            pd_info(subj, "placed again on node %s for a preview request",
+                    sb->node);
+        }
+        tunnel_start(e->pv, e->r, sb, &e->fp);
+    }
+    free(e);
+}
+
+static void
+ensure_then_tunnel(struct sched_preview *pv, struct pd_http_req *r,
+                   const struct fsm_port *fp)
+{
+    struct pensure *e = calloc(1, sizeof(*e));
+
+    if (e == NULL) {
+        pd_http_respond_error(r, 500, "internal", "out of memory");
+        return;
+    }
+    e->pv = pv;
+    e->r = r;
+    e->fp = *fp;
+    pd_http_req_set_data(r, e);
+    pd_http_on_abort(r, ensure_abort);
+    sched_sandbox_ensure(pv->s, fp->sandbox, ensure_done, e);
+}
+
 static void
 on_request(struct pd_http_req *r, void *arg)
 {
@@ -888,8 +950,13 @@ on_request(struct pd_http_req *r, void *arg)
         not_found(pv, r, "sandbox gone");
         return;
     }
-    tunnel_start(pv, r, &sb, &fp);
+    if (sb.state == FSM_SB_RUNNING) {
+        tunnel_start(pv, r, &sb, &fp);
+        fsm_sandbox_clear(&sb);
+        return;
+    }
     fsm_sandbox_clear(&sb);
+    ensure_then_tunnel(pv, r, &fp);
 }
 
 /* Tunnels whose port was unexposed (or re-exposed with a new token, or
