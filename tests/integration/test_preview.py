@@ -201,11 +201,8 @@ def test_forwarded_for_and_request_body(cl):
 def nc_get(s, host):
     """busybox `nc -ll` listens again only after its last child exited:
     a request in that window is refused (502), so it gets one retry."""
-    st, h, body = pget(s, host, "/")
-    if st == 502:
-        time.sleep(0.2)
-        st, h, body = pget(s, host, "/")
-    return st, h, body
+    return wait_for(lambda: (lambda r: r if r[0] != 502 else None)(
+        pget(s, host, "/")), 3, "the nc server to listen again")
 
 
 def test_chunked_response(cl):
