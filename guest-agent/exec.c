@@ -414,24 +414,31 @@ exec_request(const struct pd_msg *m)
     pid_t pid;
     int rv;
 
-    rv = gcmd_parse(m, &cmd, err, sizeof(err));
-    if (rv != 0) {
-        chan_error(m->id, -rv, "%s", err[0] ? err : strerror(-rv));
-        return;
-    }
     x = calloc(1, sizeof(*x));
     if (x == NULL) {
-        gcmd_free(&cmd);
         chan_error(m->id, ENOMEM, "out of memory");
         return;
     }
-    pd_msg_bool(m, "stream", &x->stream);
-    pd_msg_bool(m, "stdin_stream", &x->stdin_stream);
+    /* Absent fields keep their defaults; present ones must be typed. */
+    if (pd_msg_bool(m, "stream", &x->stream) == -EPROTO ||
+        pd_msg_bool(m, "stdin_stream", &x->stdin_stream) == -EPROTO ||
+        pd_msg_u64(m, "timeout_ms", &timeout) == -EPROTO ||
+        pd_msg_u64(m, "output_max", &omax) == -EPROTO ||
+        pd_msg_bin(m, "stdin", &in, &inlen) == -EPROTO) {
+        free(x);
+        chan_error(m->id, EINVAL, "stream and stdin_stream must be "
+                   "booleans, timeout_ms and output_max unsigned numbers, "
+                   "stdin binary");
+        return;
+    }
     x->stdin_stream = x->stdin_stream && x->stream;
-    pd_msg_u64(m, "timeout_ms", &timeout);
-    pd_msg_u64(m, "output_max", &omax);
     x->output_max = omax > GUEST_OUTPUT_MAX ? GUEST_OUTPUT_MAX : omax;
-    pd_msg_bin(m, "stdin", &in, &inlen);
+    rv = gcmd_parse(m, &cmd, err, sizeof(err));
+    if (rv != 0) {
+        free(x);
+        chan_error(m->id, -rv, "%s", err[0] ? err : strerror(-rv));
+        return;
+    }
 
     if (pipe2(po, O_CLOEXEC) != 0 || pipe2(pe, O_CLOEXEC) != 0 ||
         ((inlen > 0 || x->stdin_stream) && pipe2(pi, O_CLOEXEC) != 0)) {

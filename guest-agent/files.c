@@ -60,6 +60,28 @@ req_path(const struct pd_msg *m, const char *key, char *out)
     return rv;
 }
 
+/*
+ * Reads the optional flag bkey and number nkey (either may be NULL); a
+ * field that is present with the wrong type, or a mode beyond 07777, is
+ * answered with EINVAL here.
+ */
+static int
+req_opts(const struct pd_msg *m, const char *bkey, bool *b, const char *nkey,
+         uint64_t *n)
+{
+    if (bkey != NULL && pd_msg_bool(m, bkey, b) == -EPROTO) {
+        chan_error(m->id, EINVAL, "%s must be a boolean", bkey);
+        return -EINVAL;
+    }
+    if (nkey != NULL && (pd_msg_u64(m, nkey, n) == -EPROTO ||
+                         *n > 07777)) {
+        chan_error(m->id, EINVAL, "%s must be a mode from 0 to 07777",
+                   nkey);
+        return -EINVAL;
+    }
+    return 0;
+}
+
 /* ---- write -------------------------------------------------------------- */
 
 struct gfwrite {
@@ -163,9 +185,11 @@ file_write_request(const struct pd_msg *m)
         free(w);
         return;
     }
-    pd_msg_u64(m, "mode", &mode);
-    w->mode = (unsigned)(mode & 07777);
-    pd_msg_bool(m, "append", &w->append);
+    if (req_opts(m, "append", &w->append, "mode", &mode) != 0) {
+        free(w);
+        return;
+    }
+    w->mode = (unsigned)mode;
     if (stat(w->path, &st) == 0 && S_ISDIR(st.st_mode)) {
         chan_error(m->id, EISDIR, "%s is a directory", w->path);
         free(w);
@@ -407,9 +431,9 @@ file_list_request(const struct pd_msg *m)
     struct pd_enc e;
     int rv;
 
-    if (req_path(m, "path", path) != 0)
+    if (req_path(m, "path", path) != 0 ||
+        req_opts(m, "recursive", &recursive, NULL, NULL) != 0)
         return;
-    pd_msg_bool(m, "recursive", &recursive);
     msgpack_sbuffer_init(&l.sb);
     msgpack_packer_init(&l.pk, &l.sb, msgpack_sbuffer_write);
     rv = list_dir(&l, path, "", recursive, 0);
@@ -438,10 +462,9 @@ file_mkdir_request(const struct pd_msg *m)
     struct stat st;
     int rv;
 
-    if (req_path(m, "path", path) != 0)
+    if (req_path(m, "path", path) != 0 ||
+        req_opts(m, "parents", &parents, "mode", &mode) != 0)
         return;
-    pd_msg_bool(m, "parents", &parents);
-    pd_msg_u64(m, "mode", &mode);
     if (parents) {
         rv = pd_mkdir_p(path, (unsigned)(mode & 07777));
         if (rv == 0 && (stat(path, &st) != 0 || !S_ISDIR(st.st_mode)))
@@ -474,9 +497,9 @@ file_delete_request(const struct pd_msg *m)
     struct stat st;
     int rv;
 
-    if (req_path(m, "path", path) != 0)
+    if (req_path(m, "path", path) != 0 ||
+        req_opts(m, "recursive", &recursive, NULL, NULL) != 0)
         return;
-    pd_msg_bool(m, "recursive", &recursive);
     if (strcmp(path, "/") == 0 || strspn(path, "/") == strlen(path)) {
         chan_error(m->id, EPERM, "refusing to delete /");
         return;

@@ -169,6 +169,24 @@ fire_timers(void)
     }
 }
 
+/* Grows both arrays to n; on failure they stay as they were. */
+static int
+grow_poll_set(struct pollfd **pfd, int **idx, int *cap, int n)
+{
+    struct pollfd *p = realloc(*pfd, (size_t)n * sizeof(**pfd));
+    int *q;
+
+    if (p == NULL)
+        return -ENOMEM;
+    *pfd = p;
+    q = realloc(*idx, (size_t)n * sizeof(**idx));
+    if (q == NULL)
+        return -ENOMEM;
+    *idx = q;
+    *cap = n;
+    return 0;
+}
+
 void
 loop_run(void)
 {
@@ -181,12 +199,15 @@ loop_run(void)
 
         compact(&watches, 1);
         compact(&timers, 0);
-        if (cap < watches.n + 1) {
-            cap = watches.n + 32;
-            pfd = realloc(pfd, (size_t)cap * sizeof(*pfd));
-            idx = realloc(idx, (size_t)cap * sizeof(*idx));
-            if (pfd == NULL || idx == NULL)
-                pd_fatal("loop", "out of memory for the poll set");
+        if (cap < watches.n + 1 && grow_poll_set(&pfd, &idx, &cap,
+                                                 watches.n + 32) != 0) {
+            /* PID 1 must not exit (the kernel would panic): wait for
+             * memory to come back, reaping meanwhile. */
+            pd_warn("loop", "out of memory for a poll set of %d, retrying",
+                    watches.n + 1);
+            usleep(10000);
+            reap();
+            continue;
         }
         for (int i = 0; i < watches.n; i++) {
             struct gwatch *w = watches.v[i];

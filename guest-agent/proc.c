@@ -528,7 +528,11 @@ proc_logs_request(const struct pd_msg *m)
         return;
     }
     l->p = p;
-    pd_msg_bool(m, "follow", &l->follow);
+    if (pd_msg_bool(m, "follow", &l->follow) == -EPROTO) {
+        free(l);
+        chan_error(m->id, EINVAL, "follow must be a boolean");
+        return;
+    }
     l->seq = p->log.head != NULL ? p->log.head->seq : p->log.end;
     l->task = (struct gwatch){.fd = -1, .want = logs_want,
                               .ready = logs_ready, .obj = l, .slot = -1};
