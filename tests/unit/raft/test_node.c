@@ -81,6 +81,8 @@ struct member {
     struct fsm *fsm;
     struct raftnode *node;
     bool closed;
+    int state;     /* the last state on_state reported */
+    int n_changes; /* how many it reported */
 };
 
 struct world {
@@ -158,6 +160,17 @@ teardown(void **state)
     return 0;
 }
 
+static void
+on_state(struct raftnode *n, int old_state, int new_state, void *data)
+{
+    struct member *m = data;
+
+    assert_ptr_equal(n, m->node);
+    assert_int_not_equal(old_state, new_state);
+    m->state = new_state;
+    m->n_changes++;
+}
+
 /*
  * Starts member i with a fresh FSM. Bootstraps the first n_boot members
  * (0: join an existing cluster).
@@ -188,6 +201,9 @@ member_start(struct world *w, size_t i, size_t n_boot, unsigned snap)
     cfg.heartbeat_timeout_ms = 50;
     cfg.snapshot_threshold = snap;
     cfg.snapshot_trailing = snap != 0 ? 8 : 0;
+    cfg.bind_address = m->addr;
+    cfg.on_state = on_state;
+    cfg.data = m;
     assert_int_equal(
         raftnode_new(&m->node, &w->loop, m->fsm, &cfg, err, sizeof(err)), 0);
     assert_int_equal(raftnode_start(m->node), 0);
@@ -608,6 +624,60 @@ test_catch_up_by_snapshot(void **state)
     wait_leader(w, 3);
 }
 
+static void
+barrier_cb(void *data, int status, const char *msg)
+{
+    struct batch *b = data;
+
+    (void)msg;
+    b->pending--;
+    b->last_status = status;
+}
+
+static bool
+reports_leader(void *arg)
+{
+    return ((struct member *)arg)->state == RAFT_LEADER;
+}
+
+/* A leader that loses its quorum steps down: a proposal in flight ends
+ * with RAFTNODE_ELOST (outcome unknown, retry with the same request id),
+ * and later ones are refused as not leader. Barriers work on a leader. */
+static void
+test_quorum_lost(void **state)
+{
+    struct world *w = *state;
+    struct batch b = {.pending = 1};
+    struct member *l;
+    struct fsm_cmd c;
+
+    for (size_t i = 0; i < 3; i++)
+        member_start(w, i, 3, 0);
+    l = wait_leader(w, 3);
+    /* on_state comes from a poll: it follows within RAFTNODE_POLL_MS. */
+    assert_true(run_until(&w->loop, reports_leader, l, WAIT_MS));
+    assert_true(l->n_changes >= 2); /* follower, (candidate,) leader */
+
+    assert_int_equal(raftnode_barrier(l->node, barrier_cb, &b), 0);
+    assert_true(run_until(&w->loop, batch_done, &b, WAIT_MS));
+    assert_int_equal(b.last_status, 0);
+
+    for (size_t i = 0; i < 3; i++) {
+        if (&w->m[i] != l)
+            member_stop(w, &w->m[i], false);
+    }
+    b.pending = 1;
+    mk_token(&c, FSM_CMD_TOKEN_CREATE, "lost", "acme", "tenant", 0);
+    assert_int_equal(raftnode_propose(l->node, &c, batch_cb, &b), 0);
+    assert_true(run_until(&w->loop, batch_done, &b, WAIT_MS));
+    assert_int_equal(b.last_status, RAFTNODE_ELOST);
+    assert_false(raftnode_is_leader(l->node));
+    assert_int_equal(raftnode_propose(l->node, &c, batch_cb, &b),
+                     RAFTNODE_ENOTLEADER);
+    assert_int_equal(raftnode_barrier(l->node, barrier_cb, &b),
+                     RAFTNODE_ENOTLEADER);
+}
+
 /* ---- Membership -------------------------------------------------------- */
 
 struct change {
@@ -815,13 +885,10 @@ int
 main(void)
 {
     const struct CMUnitTest tests[] = {
-        T(test_restart_from_disk),
-        T(test_unpadded_entry_fails_loudly),
-        T(test_three_members),
-        T(test_catch_up_by_snapshot),
-        T(test_membership),
-        T(test_add_unreachable),
-        T(test_errors),
+        T(test_restart_from_disk), T(test_unpadded_entry_fails_loudly),
+        T(test_three_members),     T(test_catch_up_by_snapshot),
+        T(test_quorum_lost),       T(test_membership),
+        T(test_add_unreachable),   T(test_errors),
     };
 
 #ifdef TEST_NODE_TRAP
