@@ -109,6 +109,7 @@ struct sandbox {
     int pidfd;
     uv_timer_t *timer;    /* boot and stop deadlines */
     struct agent_qmp *qmp;
+    uv_timer_t *qmp_timer; /* QMP reconnects */
     void *guest;          /* the guest link (relay.c) */
     struct agent_egress_listener *egress_l;
     struct sb_port *ports;
@@ -205,12 +206,15 @@ struct rpc_peer {
     struct pd_conn *conn; /* NULL once closed */
     int refs;
     struct relay *relays;
+    bool rpc_port;        /* accepted on the RPC port (not the session) */
     struct rpc_peer *next;
 };
 
 void rpc_peer_unref(struct rpc_peer *p);
 
 int agent_rpc_listen(struct agent *a, char *err, size_t errlen);
+/* Stops listening and closes every RPC-port connection (agent exit). */
+void agent_rpc_stop(struct agent *a);
 /* A request from a scheduler on any connection (RPC port or session). */
 void agent_rpc_dispatch(struct agent *a, struct pd_conn *c,
                         const struct pd_msg *m);

@@ -518,7 +518,7 @@ on_signal(uv_signal_t *h, int signum)
     agent_session_stop(a->session);
     a->session = NULL;
     sb_shutdown_all(a);
-    uv_close((uv_handle_t *)&a->rpc_server, NULL);
+    agent_rpc_stop(a);
     uv_signal_stop(&sig_term);
     uv_signal_stop(&sig_int);
     uv_close((uv_handle_t *)&sig_term, NULL);

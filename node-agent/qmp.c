@@ -331,6 +331,19 @@ agent_qmp_connect(uv_loop_t *loop, const char *path,
 void
 agent_qmp_close(struct agent_qmp *q)
 {
-    if (q != NULL)
-        close_with(q, 0);
+    bool was_closing;
+
+    if (q == NULL)
+        return;
+    /* Everything the caller must know happens now, while its objects
+     * live: pending commands fail here and on_close is not called, even
+     * when a close the peer started is already under way. */
+    was_closing = q->closing;
+    q->closing = true;
+    q->cb.on_close = NULL;
+    fail_all(q);
+    if (!was_closing) {
+        q->reason = 0;
+        uv_close((uv_handle_t *)&q->pipe, on_closed);
+    }
 }

@@ -42,7 +42,11 @@ int agent_qmp_cmd(struct agent_qmp *q, const char *execute, json_t *args,
 int agent_qmp_hmp(struct agent_qmp *q, const char *cmdline,
                   agent_qmp_done done, void *arg);
 
-/* Closes; pending commands complete with -ECONNRESET, then on_close. */
+/*
+ * Closes from our side: pending commands complete with -ECONNRESET before
+ * it returns, and on_close is not called (it reports closes the agent did
+ * not ask for: QEMU gone, a protocol error). q is freed later.
+ */
 void agent_qmp_close(struct agent_qmp *q);
 
 #endif

@@ -669,6 +669,8 @@ on_rpc_conn(uv_stream_t *server, int status)
         .tls_server = true,
         .subject = "rpc",
     };
+    struct rpc_peer *p;
+    struct pd_conn *c;
     uv_tcp_t *tcp;
 
     if (status < 0)
@@ -682,7 +684,20 @@ on_rpc_conn(uv_stream_t *server, int status)
         return;
     }
     uv_tcp_nodelay(tcp, 1);
-    pd_conn_new((uv_stream_t *)tcp, &o, &cb, a);
+    c = pd_conn_new((uv_stream_t *)tcp, &o, &cb, a);
+    /* Known from the start, so agent_rpc_stop closes idle ones too. */
+    if (c != NULL && (p = peer_get(a, c)) != NULL)
+        p->rpc_port = true;
+}
+
+void
+agent_rpc_stop(struct agent *a)
+{
+    /* pd_conn_close only starts the close; the list changes later. */
+    for (struct rpc_peer *p = peers; p != NULL; p = p->next)
+        if (p->rpc_port && p->conn != NULL)
+            pd_conn_close(p->conn, 0, "agent stopping");
+    uv_close((uv_handle_t *)&a->rpc_server, NULL);
 }
 
 int

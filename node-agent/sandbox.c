@@ -322,9 +322,15 @@ static void
 release_links(struct sandbox *sb, const char *why)
 {
     relay_guest_close(sb, why);
+    if (sb->qmp_timer != NULL)
+        uv_timer_stop(sb->qmp_timer);
     if (sb->qmp != NULL) {
-        agent_qmp_close(sb->qmp);
+        struct agent_qmp *q = sb->qmp;
+
+        /* Cleared first: the commands that fail inside the close must
+         * not find it. */
         sb->qmp = NULL;
+        agent_qmp_close(q);
     }
     if (sb->pidfd_poll != NULL) {
         uv_close((uv_handle_t *)sb->pidfd_poll, free_handle);
@@ -359,6 +365,8 @@ free_sandbox(struct sandbox *sb)
     }
     if (sb->timer != NULL)
         uv_close((uv_handle_t *)sb->timer, free_handle);
+    if (sb->qmp_timer != NULL)
+        uv_close((uv_handle_t *)sb->qmp_timer, free_handle);
     free(sb->allow);
     free(sb->env_json);
     free(sb);
@@ -541,23 +549,25 @@ qmp_retry(uv_timer_t *t)
     static const struct agent_qmp_cb cb = {.on_close = on_qmp_close};
     char path[PATH_MAX];
 
-    uv_close((uv_handle_t *)t, free_handle);
-    if (sb == NULL || sb->qmp != NULL || sb->pid <= 0 || sb->destroying)
+    if (sb->qmp != NULL || sb->pid <= 0 || sb->destroying)
         return;
     snprintf(path, sizeof(path), "%s/qmp.sock", sb->dir);
     agent_qmp_connect(sb->agent->loop, path, &cb, sb, &sb->qmp);
 }
 
+/* (Re)connects QMP shortly; the timer belongs to the sandbox, so it never
+ * fires for a freed one. */
 static void
 qmp_connect(struct sandbox *sb)
 {
-    uv_timer_t *t = malloc(sizeof(*t));
-
-    if (t == NULL)
-        return;
-    uv_timer_init(sb->agent->loop, t);
-    t->data = sb;
-    uv_timer_start(t, qmp_retry, sb->qmp == NULL ? SOCKET_RETRY_MS : 0, 0);
+    if (sb->qmp_timer == NULL) {
+        sb->qmp_timer = malloc(sizeof(*sb->qmp_timer));
+        if (sb->qmp_timer == NULL)
+            return;
+        uv_timer_init(sb->agent->loop, sb->qmp_timer);
+        sb->qmp_timer->data = sb;
+    }
+    uv_timer_start(sb->qmp_timer, qmp_retry, SOCKET_RETRY_MS, 0);
 }
 
 static int

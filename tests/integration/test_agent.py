@@ -757,8 +757,12 @@ def test_agent_restart_readopts_running_vms(agent, vms):
     q1 = agent.status("q1")
     ea = agent.status("ea")
     hp = q1["ports"][0]["host_port"]
-    # SIGTERM: the agent leaves, the VMs stay.
+    # SIGTERM: the agent leaves at once (closing an idle scheduler
+    # connection), the VMs stay.
+    idle = agent.wire()
     assert agent.proc.stop() == 0
+    assert idle.closed_by_peer(2)
+    idle.close()
     assert alive(q1["pid"]) and alive(ea["pid"])
     assert urllib.request.urlopen("http://127.0.0.1:%d/" % hp,
                                   timeout=20).read() == b"from-guest\n"
