@@ -355,6 +355,65 @@ sched_auth_mint(struct sched *s, const char *sub, enum pd_jwt_role role,
     return rc;
 }
 
+static void
+scoped_recorded(void *data, int status, const struct fsm_result *res)
+{
+    char *jti = data;
+
+    if (status != 0 || res->code != 0)
+        pd_warn("auth", "sandbox token %s not recorded: %s; it cannot be "
+                "revoked by id", jti, status != 0 ? strerror(-status)
+                                                  : res->message);
+    free(jti);
+}
+
+char *
+sched_auth_sandbox_token(struct sched *s, const char *tenant,
+                         const char *sandbox)
+{
+    struct pd_jwt_keyset *ks = sched_auth_keyset(s);
+    struct pd_jwt_spec spec = {
+        .sub = tenant,
+        .role = PD_JWT_ROLE_TENANT,
+        .sandbox = sandbox,
+        .now_s = (int64_t)(pd_wall_ms() / 1000),
+        .ttl_s = SCHED_AUTH_SANDBOX_TTL_S,
+    };
+    struct pd_jwt_claims cl;
+    struct fsm_cmd cmd;
+    char err[256], subj[PD_ID_MAX + 16], *tok = NULL, *jti;
+
+    snprintf(subj, sizeof(subj), "sandbox %s", sandbox ? sandbox : "?");
+    if (ks == NULL) {
+        pd_warn(subj, "no signing key yet; starting without a sandbox "
+                "token");
+        return NULL;
+    }
+    if (pd_jwt_sign(ks, &spec, &tok, &cl, err, sizeof(err)) != 0) {
+        pd_warn(subj, "cannot sign a sandbox token: %s; starting without "
+                "one", err);
+        return NULL;
+    }
+    jti = strdup(cl.jti);
+    if (jti == NULL || fsm_cmd_init(&cmd, FSM_CMD_TOKEN_CREATE) != 0) {
+        free(jti);
+        free(tok);
+        return NULL;
+    }
+    pd_strlcpy(cmd.u.token.jti, cl.jti, sizeof(cmd.u.token.jti));
+    pd_strlcpy(cmd.u.token.tenant, tenant, sizeof(cmd.u.token.tenant));
+    pd_strlcpy(cmd.u.token.role, "tenant", sizeof(cmd.u.token.role));
+    cmd.u.token.exp_ms = (uint64_t)cl.exp * 1000;
+    if (propose(s, &cmd, scoped_recorded, jti) != 0) {
+        pd_warn(subj, "sandbox token %s not recorded (not the leader); it "
+                "cannot be revoked by id", cl.jti);
+        free(jti);
+    }
+    pd_debug(subj, "sandbox token %s, expires %lld", cl.jti,
+             (long long)cl.exp);
+    return tok;
+}
+
 /* ---- Bootstrap on the leader ------------------------------------------- */
 
 struct boot {

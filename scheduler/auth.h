@@ -51,6 +51,21 @@ int sched_auth_mint(struct sched *s, const char *sub, enum pd_jwt_role role,
  */
 void sched_auth_nudge(struct sched *s);
 
+/* ttl of a sandbox-scoped token: minutes, it lives inside an untrusted VM. */
+#define SCHED_AUTH_SANDBOX_TTL_S (30LL * 60)
+
+/*
+ * Leader: a sandbox-scoped token for the sandbox's environment
+ * (PADDOCK_TOKEN), signed now and recorded with TOKEN_CREATE in the
+ * background, so that DELETE /v1/tokens/{jti} can revoke it. Only the
+ * agent's egress proxy accepts it (the API refuses scoped tokens), and the
+ * agent checks it against the token it was handed over mutual TLS with
+ * the sandbox, so nothing waits for the commit. malloc'd, or NULL (no key
+ * yet, a bad id) with the reason logged.
+ */
+char *sched_auth_sandbox_token(struct sched *s, const char *tenant,
+                               const char *sandbox);
+
 /* Maps a principal's role to its name ("admin", "tenant", "node"). */
 const char *sched_role_name(enum sched_role role);
 

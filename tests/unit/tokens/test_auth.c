@@ -592,6 +592,30 @@ test_sandbox_scoped(void **state)
     free(t);
 }
 
+/* The leader's token for a sandbox's environment: scoped, short-lived. */
+static void
+test_sandbox_token_for_env(void **state)
+{
+    struct pd_jwt_claims cl;
+    char *t = sched_auth_sandbox_token(&S, "acme", "sb-env");
+    int64_t now = (int64_t)(pd_wall_ms() / 1000);
+
+    (void)state;
+    assert_non_null(t);
+    /* Not recorded here (no Raft in this test): unknown to the FSM... */
+    assert_int_equal(pd_jwt_verify(sched_auth_keyset(&S), t, now, &cl),
+                     -EKEYREVOKED);
+    /* ...but signed by the active key (the test's set has no hook). */
+    assert_int_equal(pd_jwt_verify(ks, t, now, &cl), 0);
+    assert_string_equal(cl.sandbox, "sb-env");
+    assert_string_equal(cl.sub, "acme");
+    assert_true(cl.exp - now <= SCHED_AUTH_SANDBOX_TTL_S);
+    record(&cl);
+    assert_int_equal(get_bearer(t), 403);
+    assert_null(sched_auth_sandbox_token(&S, "Bad Id", "sb"));
+    free(t);
+}
+
 /* burst requests pass, the next is 429 with Retry-After. */
 static void
 test_rate_limit(void **state)
@@ -652,6 +676,7 @@ main(void)
         cmocka_unit_test(test_unrecorded),
         cmocka_unit_test(test_rotation_and_retire),
         cmocka_unit_test(test_sandbox_scoped),
+        cmocka_unit_test(test_sandbox_token_for_env),
         cmocka_unit_test(test_rate_limit),
         cmocka_unit_test(test_owns),
     };
