@@ -233,8 +233,11 @@ int fsm_cmd_encode(const struct fsm_cmd *cmd, void **out, size_t *out_len);
 /*
  * Decodes an entry. Every size is checked before use: a string too long for
  * its array, a list longer than FSM_KV_MAX, a wrong type, a missing field,
- * or non-zero padding is an error (-EPROTO, -ENAMETOOLONG, -E2BIG...) with
- * the reason in err. On success the caller calls fsm_cmd_free.
+ * or non-zero padding is an error with the reason in err: -ENAMETOOLONG
+ * (a string), -E2BIG (a list), -ERANGE (a 32-bit field over 2^32 - 1),
+ * -EINVAL (an embedded NUL), -EPROTO (everything else). *out is zeroed on
+ * failure; on success the caller calls fsm_cmd_free. (tests/unit/raft/
+ * test_cmd.c checks each case; tests/fuzz/fuzz_cmd.c fuzzes it.)
  */
 int fsm_cmd_decode(const void *buf, size_t len, struct fsm_cmd *out,
                    char *err, size_t errlen);
