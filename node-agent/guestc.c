@@ -52,7 +52,7 @@ struct guestc_req {
     struct guestc_req *next, *prev;
 };
 
-/* ---- request bookkeeping --------------------------------------------------- */
+/* ---- request bookkeeping ------------------------------------------------- */
 
 static void
 req_unlink(struct guestc_req *r)
@@ -101,7 +101,7 @@ fail_all(struct guestc *g, int errnum, const char *msg)
         req_fail(g->reqs, errnum, msg);
 }
 
-/* ---- the connection ------------------------------------------------------- */
+/* ---- the connection ------------------------------------------------------ */
 
 static void
 on_timer_closed(uv_handle_t *h)
@@ -406,7 +406,7 @@ guestc_pending(const struct guestc *g)
     return g->nreqs;
 }
 
-/* ---- requests --------------------------------------------------------------- */
+/* ---- requests ------------------------------------------------------------ */
 
 struct guestc_req *
 guestc_req_new(struct guestc *g, unsigned type, const struct guestc_req_cb *cb,
@@ -541,7 +541,7 @@ guestc_req_send_data(struct guestc_req *r, const void *data, size_t len,
     return 0;
 }
 
-/* ---- typed helpers ------------------------------------------------------------ */
+/* ---- typed helpers ------------------------------------------------------- */
 
 static void
 enc_cmd(struct pd_enc *e, const struct guestc_exec *x)

@@ -97,7 +97,7 @@ const char *guestc_peer_name(const struct guestc *g);
 /* Requests in flight. */
 size_t guestc_pending(const struct guestc *g);
 
-/* ---- generic requests ------------------------------------------------------ */
+/* ---- generic requests ---------------------------------------------------- */
 
 /*
  * Starts a request of the given type: *e is begun with the type and a fresh
@@ -129,7 +129,7 @@ size_t guestc_req_credit(const struct guestc_req *r);
 int guestc_req_send_data(struct guestc_req *r, const void *data, size_t len,
                          bool eof);
 
-/* ---- typed helpers ----------------------------------------------------------- */
+/* ---- typed helpers ------------------------------------------------------- */
 
 struct guestc_exec {
     const char *const *argv;  /* NULL-terminated; or command */

@@ -106,7 +106,8 @@ def test_exec_stdin(vm, tmp_path):
     # Streamed stdin: the bytes flow through STDIN frames until EOF.
     lines = run(vm, "exec", "--stdin-stream", "--", "tr", "a-z", "A-Z",
                 stdin=open(f, "rb"))
-    out = "".join(l.get("data", "") for l in lines if l.get("event") == "stdout")
+    out = "".join(l.get("data", "") for l in lines
+                  if l.get("event") == "stdout")
     assert out == "LINE1\nLINE2\n"
 
 

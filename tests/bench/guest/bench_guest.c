@@ -54,7 +54,7 @@ static struct {
 
 static char sock_path[512], raw_path[512], disk_path[512], con_path[512];
 
-/* ---- small helpers -------------------------------------------------------- */
+/* ---- small helpers ------------------------------------------------------- */
 
 static int
 cmp_u64(const void *a, const void *b)
@@ -114,7 +114,7 @@ die(const char *fmt, ...)
     exit(1);
 }
 
-/* ---- QEMU ----------------------------------------------------------------- */
+/* ---- QEMU ---------------------------------------------------------------- */
 
 static pid_t
 qemu_start(const char *initrd)
@@ -197,7 +197,7 @@ agent_ready_ms(void)
     return ms;
 }
 
-/* ---- boots ---------------------------------------------------------------- */
+/* ---- boots --------------------------------------------------------------- */
 
 static pid_t vm_pid = -1;
 
@@ -247,7 +247,7 @@ bench_boots(void)
     printf(" ms\n");
 }
 
-/* ---- the session: one step after another ---------------------------------- */
+/* ---- the session: one step after another --------------------------------- */
 
 /* The steps of the session, in order. */
 enum {
@@ -624,7 +624,7 @@ bench_session(void)
         fprintf(stderr, "bench_guest: the VM did not power off; killed\n");
 }
 
-/* ---- main ------------------------------------------------------------------ */
+/* ---- main ---------------------------------------------------------------- */
 
 static void
 defaults(void)

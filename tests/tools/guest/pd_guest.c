@@ -18,7 +18,8 @@
  *   put PATH [LOCAL] [--append] [--mode OCT]   get PATH [LOCAL]
  *   stat|ls [-r]|mkdir [-p]|rm [-r] PATH   mv FROM TO
  *   start [--name N] -- ARGV...   ps   proc NAME   logs NAME [-f]
- *   kill NAME [--signal N] [--kill-after-ms N]   wait-port PORT [--timeout-ms N]
+ *   kill NAME [--signal N] [--kill-after-ms N]
+ *   wait-port PORT [--timeout-ms N]
  *   tunnel GUEST_PORT --listen HOST_PORT   (forwards until killed)
  *   info   shutdown   bad KIND   (see bad_kinds below)
  *
@@ -51,7 +52,7 @@ static struct guestc *gc;
 static int exit_code = 1;
 static uint64_t t_start;
 
-/* ---- JSON output ---------------------------------------------------------- */
+/* ---- JSON output --------------------------------------------------------- */
 
 static void
 json_str(FILE *f, const char *s, size_t n)
@@ -137,7 +138,7 @@ print_msg(const struct pd_msg *m)
     fflush(stdout);
 }
 
-/* ---- connection ------------------------------------------------------------ */
+/* ---- connection ---------------------------------------------------------- */
 
 static void (*ready_fn)(void);
 
@@ -205,7 +206,7 @@ run(const char *sock, unsigned timeout_ms, void (*fn)(void))
     return exit_code;
 }
 
-/* ---- options shared by client commands ------------------------------------- */
+/* ---- options shared by client commands ----------------------------------- */
 
 static struct {
     const char *sock;
@@ -222,7 +223,7 @@ static struct {
     int nargs;
 } o = {.timeout_ms = 60000, .sig = SIGTERM, .kill_after = 5000};
 
-/* ---- exec --------------------------------------------------------------------- */
+/* ---- exec ---------------------------------------------------------------- */
 
 static int stdin_fd = -1;
 static struct guestc_req *pump_req;
@@ -339,7 +340,7 @@ do_exec(void)
     }
 }
 
-/* ---- files ---------------------------------------------------------------- */
+/* ---- files --------------------------------------------------------------- */
 
 static int out_fd = 1;
 static uint64_t xfer_bytes;
@@ -481,7 +482,7 @@ do_logs(void)
     guestc_proc_logs(gc, o.args[0], o.follow, &cb, NULL);
 }
 
-/* ---- multi: many requests at once beside a stalled stream ----------------- */
+/* ---- multi: many requests at once beside a stalled stream ---------------- */
 
 /*
  * A streamed `yes` whose credit is never granted back uses up its window;
@@ -972,7 +973,7 @@ bad_input(const char *sock, const char *kind)
     return 0;
 }
 
-/* ---- boot ---------------------------------------------------------------------- */
+/* ---- boot ---------------------------------------------------------------- */
 
 static pid_t qemu_pid;
 
@@ -1107,7 +1108,7 @@ boot(int argc, char **argv)
     return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
-/* ---- main ------------------------------------------------------------------------ */
+/* ---- main ---------------------------------------------------------------- */
 
 struct cmd {
     const char *name;

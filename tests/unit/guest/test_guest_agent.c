@@ -271,7 +271,7 @@ path_in(const struct agent *a, const char *name, char *out, size_t len)
     snprintf(out, len, "%s/%s", a->dir, name);
 }
 
-/* ---- session rules --------------------------------------------------------- */
+/* ---- session rules ------------------------------------------------------- */
 
 static void
 test_request_before_hello_is_refused(void **state)
@@ -439,7 +439,7 @@ test_out_of_step_stream_resyncs_on_hello(void **state)
     agent_stop(a);
 }
 
-/* ---- bad frames ----------------------------------------------------------- */
+/* ---- bad frames ---------------------------------------------------------- */
 
 static void
 test_garbage_frame_is_skipped(void **state)
@@ -543,7 +543,7 @@ test_field_types_are_checked(void **state)
     expect_error(a, 85, "EINVAL");
 }
 
-/* ---- requests end to end -------------------------------------------------- */
+/* ---- requests end to end ------------------------------------------------- */
 
 static void
 test_exec_collects_output_and_status(void **state)

@@ -162,7 +162,7 @@ test_path_field(void **state)
     release_msg(&b);
 }
 
-/* ---- ring ----------------------------------------------------------------- */
+/* ---- ring ---------------------------------------------------------------- */
 
 /* Reads everything from seq on into buf; returns the bytes read. */
 static size_t
@@ -308,7 +308,7 @@ test_ring_memory_is_bounded_under_alternating_streams(void **state)
     ring_free(&r);
 }
 
-/* ---- gcmd_parse: argv | command, cwd, env ----------------------------------- */
+/* ---- gcmd_parse: argv | command, cwd, env -------------------------------- */
 
 static char *base_env[] = {"PATH=/usr/bin:/bin", "HOME=/root", "LANG=C",
                            NULL};
