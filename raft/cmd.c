@@ -600,6 +600,7 @@ fsm_cmd_decode(const void *buf, size_t len, struct fsm_cmd *out, char *err,
     pd_msg_release(&d.m);
     if (d.rv != 0) {
         fsm_cmd_free(out);
+        memset(out, 0, sizeof(*out)); /* no half-decoded fields */
         return d.rv;
     }
     return 0;

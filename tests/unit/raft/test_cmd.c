@@ -135,8 +135,12 @@ decode(const void *buf, size_t len, struct fsm_cmd *out)
     char err[256] = "";
     int rv = fsm_cmd_decode(buf, len, out, err, sizeof(err));
 
-    if (rv != 0)
+    if (rv != 0) {
+        static const struct fsm_cmd zero;
+
         assert_true(err[0] != '\0'); /* a failure always says why */
+        assert_memory_equal(out, &zero, sizeof(zero));
+    }
     if (getenv("TEST_VERBOSE") != NULL)
         fprintf(stderr, "decode: %d %s\n", rv, err);
     return rv;
