@@ -668,13 +668,14 @@ requeue(struct fwd_req *q, const char *why)
         return;
     }
     if (++q->attempts >= FWD_ATTEMPTS) {
-        q_fail(q, 503, "unavailable", "the leader did not "
-                              "answer (%s); retry", why);
+        q_fail(q, 503, "unavailable", "the leader did not answer (%s); "
+               "retry", why);
         req_free(q);
         return;
     }
     q->deadline = pd_now_ms() + f->wait_ms;
     list_add(&f->waiting, q);
+    sched_metrics_inc(f->s, "forward_retries", 1);
     kick_tick(f);
 }
 
@@ -728,7 +729,7 @@ link_msg(struct pd_conn *c, const struct pd_msg *m)
             return;
         }
         q_fail(q, 502, "unavailable", "leader: %s",
-                              msg[0] != '\0' ? msg : code);
+               msg[0] != '\0' ? msg : code);
         req_free(q);
     }
 }
@@ -909,8 +910,8 @@ run_local(struct sched_forward *f, struct fwd_req *q)
     q->local = true;
     rv = serve_inject(f, q->raw, q->raw_len, "self", sv);
     if (rv != 0) {
-        q_fail(q, 503, "unavailable", "the request could "
-                              "not be run (%s)", strerror(-rv));
+        q_fail(q, 503, "unavailable", "the request could not be run (%s)",
+               strerror(-rv));
         req_free(q);
     }
 }
@@ -928,10 +929,8 @@ send_one(struct sched_forward *f, struct fwd_req *q)
     rv = send_frame(c, q);
     if (rv != 0) {
         q_fail(q, rv == -EMSGSIZE ? 413 : 503,
-                              rv == -EMSGSIZE ? "invalid_argument"
-                                              : "unavailable",
-                              "forwarding to the leader: %s",
-                              strerror(-rv));
+               rv == -EMSGSIZE ? "invalid_argument" : "unavailable",
+               "forwarding to the leader: %s", strerror(-rv));
         req_free(q);
         return;
     }
@@ -970,15 +969,15 @@ on_tick(uv_timer_t *t)
             send_one(f, q);
         } else if (now >= q->deadline) {
             q_fail(q, 503, "unavailable",
-                                  "no leader to take the write; retry");
+                   "no leader to take the write; retry");
             req_free(q);
         }
     }
     for (q = f->sent.next; q != &f->sent; q = next) {
         next = q->next;
         if (now >= q->reply_deadline) {
-            q_fail(q, 504, "unavailable", "the leader did "
-                                  "not answer in time");
+            q_fail(q, 504, "unavailable",
+                   "the leader did not answer in time");
             req_free(q);
         }
     }
@@ -1027,6 +1026,7 @@ on_fwd_body(struct pd_http_req *r, int err, const char *body, size_t len,
     }
     q->deadline = pd_now_ms() + f->wait_ms;
     list_add(&f->waiting, q);
+    sched_metrics_inc(f->s, "forwarded", 1);
     kick_tick(f);
 }
 
@@ -1270,7 +1270,8 @@ sched_forward_init(struct sched *s, char *err, size_t errlen)
     list_init(&f->waiting);
     list_init(&f->sent);
     f->serving.prev = f->serving.next = &f->serving;
-    f->wait_ms = 3 * s->cfg.election_timeout_ms;
+    /* Long enough for an election with a split vote or two. */
+    f->wait_ms = 5 * s->cfg.election_timeout_ms;
     if (f->wait_ms < FWD_WAIT_MIN_MS)
         f->wait_ms = FWD_WAIT_MIN_MS;
     uv_timer_init(s->loop, &f->tick);
