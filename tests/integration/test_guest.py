@@ -69,6 +69,18 @@ def vm(guest_image, module_procs, module_workdir):
     return {"dir": d, "proc": p}
 
 
+def test_image_records_what_went_in(guest_image):
+    kernel, initrd = guest_image
+    lines = open(os.path.join(os.path.dirname(initrd), "versions.txt")
+                 ).read().splitlines()
+    pkgs = dict(l.split(" ", 1) for l in lines)
+    for name in ("linux-image-cloud-amd64", "busybox-static", "e2fsprogs"):
+        assert name in pkgs, lines
+    assert pkgs["modules"].split()[:2] == ["virtio_ring", "virtio"]
+    digest = hashlib.sha256(open(initrd, "rb").read()).hexdigest()
+    assert pkgs["initrd.img"] == "sha256 " + digest
+
+
 def test_info_names_the_sandbox_and_its_disk(vm):
     info = one(vm, "info")
     assert info["hostname"] == "sbx-test"
