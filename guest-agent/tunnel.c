@@ -138,6 +138,11 @@ tun_ready(struct gwatch *w, short rev)
         }
         t->connected = true;
         chan_ok(t->req.id);
+        /* The host may have ended its direction before the connect. */
+        if (t->wr_eof_pending && t->out_off == t->out_len) {
+            t->wr_eof = true;
+            shutdown(w->fd, SHUT_WR);
+        }
         return;
     }
     if ((rev & POLLOUT) && !tun_write(t))

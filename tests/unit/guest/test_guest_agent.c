@@ -17,6 +17,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -792,6 +794,84 @@ test_processes_logs_and_signals(void **state)
     expect_error(a, 145, "ENOENT");
 }
 
+/* A listening socket on 127.0.0.1; sets *port. */
+static int
+listen_loopback(unsigned *port)
+{
+    struct sockaddr_in sa = {.sin_family = AF_INET,
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof(sa);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+    assert_true(fd >= 0);
+    assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    assert_int_equal(listen(fd, 4), 0);
+    assert_int_equal(getsockname(fd, (struct sockaddr *)&sa, &len), 0);
+    *port = ntohs(sa.sin_port);
+    return fd;
+}
+
+/* Bytes carried both ways, then both sides end with EOF. */
+static void
+test_tunnel_carries_bytes_both_ways(void **state)
+{
+    struct agent *a = *state;
+    unsigned port, closed_port;
+    int lfd = listen_loopback(&port), cfd, gone;
+    const struct pd_msg *m;
+    struct pollfd p;
+    struct pd_enc e;
+    char buf[16];
+    const void *d;
+    size_t n;
+    bool eof = false;
+
+    pd_enc_begin(&e, PD_MSG_TUNNEL_OPEN, 150);
+    pd_enc_u64(&e, "port", port);
+    send_enc(a, &e);
+    p = (struct pollfd){.fd = lfd, .events = POLLIN};
+    assert_int_equal(poll(&p, 1, WAIT_MS), 1);
+    cfd = accept(lfd, NULL, NULL);
+    assert_true(cfd >= 0);
+    expect(a, PD_MSG_OK, 150);
+
+    pd_enc_begin(&e, PD_MSG_DATA, 150);
+    pd_enc_bin(&e, "data", "ping", 4);
+    send_enc(a, &e);
+    p = (struct pollfd){.fd = cfd, .events = POLLIN};
+    assert_int_equal(poll(&p, 1, WAIT_MS), 1);
+    assert_int_equal(read(cfd, buf, sizeof(buf)), 4);
+    assert_memory_equal(buf, "ping", 4);
+    expect(a, PD_MSG_WINDOW, 150);
+
+    assert_int_equal(write(cfd, "pong", 4), 4);
+    m = expect(a, PD_MSG_DATA, 150);
+    assert_int_equal(pd_msg_bin(m, "data", &d, &n), 0);
+    assert_int_equal(n, 4);
+    assert_memory_equal(d, "pong", 4);
+    close(cfd);
+    m = expect(a, PD_MSG_DATA, 150);
+    pd_msg_bool(m, "eof", &eof);
+    assert_true(eof);
+    pd_enc_begin(&e, PD_MSG_DATA, 150);
+    pd_enc_bool(&e, "eof", true);
+    send_enc(a, &e);
+    ping(a, 151);
+    /* Both directions ended, so the tunnel is gone and its id is free. */
+    pd_enc_begin(&e, PD_MSG_INFO, 150);
+    send_enc(a, &e);
+    expect(a, PD_MSG_OK, 150);
+
+    /* A port nobody listens on: the connect's own errno. */
+    gone = listen_loopback(&closed_port);
+    close(gone);
+    pd_enc_begin(&e, PD_MSG_TUNNEL_OPEN, 152);
+    pd_enc_u64(&e, "port", closed_port);
+    send_enc(a, &e);
+    expect_error(a, 152, "ECONNREFUSED");
+    close(lfd);
+}
+
 int
 main(void)
 {
@@ -813,6 +893,7 @@ main(void)
         cmocka_unit_test(test_file_write_read_and_errors),
         cmocka_unit_test(test_cancelled_write_leaves_nothing),
         cmocka_unit_test(test_processes_logs_and_signals),
+        cmocka_unit_test(test_tunnel_carries_bytes_both_ways),
     };
     int failed;
 
