@@ -1020,7 +1020,10 @@ on_request(struct pd_http_req *r, void *arg)
         pd_http_dispatch(r, routes, nroutes, &call);
         return;
     }
+    /* Consistent reads are for state. Sandbox traffic (exec, files,
+     * processes) is routed to the agent from here and never forwarded. */
     if (pd_http_req_is(r, "GET") &&
+        strncmp(rt->pattern, "/v1/sandboxes/{id}/", 19) != 0 &&
         pd_http_req_query_bool(r, "consistent", false)) {
         struct barrier_ctx *x;
         int rv;
