@@ -240,8 +240,10 @@ on_signal(uv_signal_t *h, int signum)
     }
     pd_info("scheduler", "%s: handing over leadership and shutting down",
             strsignal(signum));
-    sched_cluster_handover(s, on_handed_over, s);
+    /* From here the API answers 503 and Raft state changes no longer
+     * reach the modules, which are about to close. */
     s->stopping = true;
+    sched_cluster_handover(s, on_handed_over, s);
 }
 
 static int
