@@ -119,6 +119,8 @@ struct sched_nodes {
     bool listening;
     bool leader;
     uint64_t leader_since_ms;
+    uint64_t last_tick_ms;  /* the detector's previous run */
+    uint64_t detect_ms;     /* its period */
     uint64_t grace_ms, heartbeat_ms;
     struct sess *sessions;
     struct seen *buckets[SEEN_BUCKETS];
@@ -889,6 +891,22 @@ on_detect(uv_timer_t *t)
 
     if (!is_leader(s))
         return;
+    /* A loop that stalled (an overloaded host, a long snapshot) could not
+     * read heartbeats either: the stall is this member's silence, not the
+     * nodes', so it does not count against them. */
+    if (n->last_tick_ms != 0 &&
+        now - n->last_tick_ms > 4 * n->detect_ms + n->heartbeat_ms) {
+        uint64_t stall = now - n->last_tick_ms;
+
+        pd_warn("nodes", "leader: event loop stalled for %llu ms, not "
+                "counting it as the nodes' silence",
+                (unsigned long long)stall);
+        for (size_t b = 0; b < SEEN_BUCKETS; b++)
+            for (struct seen *e = n->buckets[b]; e; e = e->hnext)
+                e->last_ms = e->last_ms + stall < now ? e->last_ms + stall
+                                                      : now;
+    }
+    n->last_tick_ms = now;
     idx = fsm_node_index(s->fsm);
     for (size_t i = 0; i < idx->n; i++) {
         const struct fsm_node_cap *cap = &idx->v[i];
@@ -902,7 +920,8 @@ on_detect(uv_timer_t *t)
             return;
         if (e->last_ms < n->leader_since_ms)
             e->last_ms = n->leader_since_ms;
-        if (e->down_busy || now - e->last_ms <= n->grace_ms)
+        if (e->down_busy || e->last_ms >= now ||
+            now - e->last_ms <= n->grace_ms)
             continue;
         p = prop_new(n, FSM_CMD_NODE_DOWN, NULL);
         if (p == NULL)
@@ -944,6 +963,8 @@ sched_nodes_on_state(struct sched *s, bool leader)
             period = DETECT_MIN_MS;
         if (period > DETECT_MAX_MS)
             period = DETECT_MAX_MS;
+        n->detect_ms = period;
+        n->last_tick_ms = 0;
         uv_timer_start(&n->detector, on_detect, period, period);
         pd_info("nodes", "leader: failure detector on (grace %llu ms), "
                 "every node has a full grace period from now",
