@@ -243,13 +243,16 @@ def test_logs_follow_until_the_process_ends(vm):
 
 
 def test_follower_keeps_up_with_a_line_by_line_writer(vm):
-    # 8000 small writes, more than the ring holds: a follower that keeps
-    # up sees every line in order and nothing is skipped.
+    # 7000 small writes of ~43 bytes, more than the ring holds (256 KiB): a
+    # follower that keeps up sees every line in order, nothing skipped.
+    pad = "." * 32
     one(vm, "start", "--name", "lines", "--sh",
-        "i=0; while [ $i -lt 8000 ]; do echo line $i; i=$((i+1)); done")
+        "i=0; while [ $i -lt 7000 ]; do echo line $i %s; i=$((i+1)); done"
+        % pad)
     lines = run(vm, "logs", "lines", "-f", timeout=120)
     out = "".join(l.get("data", "") for l in lines if "data" in l)
-    assert out == "".join("line %d\n" % i for i in range(8000))
+    assert len(out) > 256 << 10
+    assert out == "".join("line %d %s\n" % (i, pad) for i in range(7000))
     assert lines[-1]["skipped"] == 0
 
 
