@@ -19,7 +19,7 @@ import pytest
 
 from conftest import Cluster, http_json, wait_for
 
-TIMEOUT_MS = 3000
+TIMEOUT_MS = 6000
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 ECHO_CGI = """#!/bin/sh
@@ -29,6 +29,11 @@ echo "host=$HTTP_HOST"
 echo "method=$REQUEST_METHOD"
 [ -n "$CONTENT_LENGTH" ] && head -c "$CONTENT_LENGTH"
 exit 0
+"""
+
+SUM_CGI = """#!/bin/sh
+printf 'Content-Type: text/plain\\r\\n\\r\\n'
+head -c "$CONTENT_LENGTH" | md5sum
 """
 
 SSE_CGI = """#!/bin/sh
@@ -92,6 +97,11 @@ def setup_guest(c, sb):
     put_file(c, sb, "/workspace/www/index.html", "hello from %s\n" % sb)
     put_file(c, sb, "/workspace/www/cgi-bin/echo", ECHO_CGI, "755")
     put_file(c, sb, "/workspace/www/cgi-bin/sse", SSE_CGI, "755")
+    put_file(c, sb, "/workspace/www/cgi-bin/sum", SUM_CGI, "755")
+    # About 9 MB of distinct lines: cheap to make under TCG, and any lost,
+    # repeated or reordered chunk changes the checksum.
+    c.api("POST", "/v1/sandboxes/%s/exec" % sb, {
+        "command": "seq 1 1300000 > /workspace/www/big.bin"})
     put_file(c, sb, "/workspace/chunked.sh", CHUNKED_SH, "755")
     put_file(c, sb, "/workspace/ws.sh", WS_SH, "755")
     put_file(c, sb, "/workspace/slow.sh", SLOW_SH, "755")
@@ -203,6 +213,28 @@ def nc_get(s, host):
     a request in that window is refused (502), so it gets one retry."""
     return wait_for(lambda: (lambda r: r if r[0] != 502 else None)(
         pget(s, host, "/")), 3, "the nc server to listen again")
+
+
+def test_large_bodies_both_ways(cl):
+    """9 MB down and 6 MiB up: more than the 4 MiB stream window, so
+    the agent's credit must come back as the client drains, and ours as
+    the guest reads."""
+    s = cl.follower()
+    host = cl.hosts["pva"]["httpd"]
+    st, _h, body = cl.api("POST", "/v1/sandboxes/pva/exec",
+                          {"command": "md5sum /workspace/www/big.bin"})
+    want = body["stdout"].split()[0]
+    st, _h, body = pget(s, host, "/big.bin", timeout=120)
+    assert st == 200 and len(body) > 8 << 20, (st, len(body))
+    assert hashlib.md5(body).hexdigest() == want
+    up = os.urandom(6 << 20)
+    st, _h, body = pget(s, host, "/cgi-bin/sum", method="POST", body=up,
+                        headers={"Content-Type": "application/octet-stream"},
+                        timeout=120)
+    assert st == 200, (st, body[:200])
+    assert body.decode().split()[0] == hashlib.md5(up).hexdigest()
+    st, h, body = pget(s, host, "/index.html", method="HEAD")
+    assert st == 200 and body is None or body == b"", (st, body)
 
 
 def test_chunked_response(cl):
