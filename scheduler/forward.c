@@ -20,6 +20,8 @@
  *     (the FSM checks on apply), so a retried create never makes two;
  *   - this member became the leader while the request waited: it is
  *     injected here, as a leader would do with a frame.
+ * The answer carries the leader's applied index and waits until this
+ * member has applied as far (read-your-writes through one follower).
  * Leader side: a frame for a member that is not (or no longer) the leader
  * gets ERROR EREMOTE; a reply for a link that closed meanwhile is dropped
  * (nodes.c tells us through sched_forward_conn_closed).
@@ -47,6 +49,10 @@
 #define FWD_REPLY_MS     (11u * 60 * 1000)
 #define FWD_HEADERS_MAX  100
 #define FWD_RESP_MAX     (PD_FRAME_MAX - 64 * 1024)
+#define FWD_HOLD_MS      1000
+#define FWD_HOLD_TICK_MS 5
+
+struct resp;
 
 /* A request waiting to be answered by the leader (follower side). */
 struct fwd_req {
@@ -68,6 +74,10 @@ struct fwd_req {
     char *raw;            /* the same request as HTTP bytes (local run) */
     size_t raw_len;
     bool local;           /* injected here: the callback answers */
+    struct resp *held;    /* an answer waiting for this member to catch
+                             up (read-your-writes) */
+    uint64_t hold_index;
+    uint64_t hold_deadline;
     /* An internal request (no client): its outcome goes here instead. */
     void (*idone)(void *data, int status);
     void *idata;
@@ -98,6 +108,8 @@ struct sched_forward {
     bool ticking;
     struct fwd_req waiting;  /* list heads (sentinels) */
     struct fwd_req sent;
+    struct fwd_req holding;
+    uv_timer_t hold_timer;
     struct fwd_serve serving;
     struct fwd_link *link;
     uint64_t wait_ms;
@@ -134,6 +146,7 @@ list_del(struct fwd_req *q)
 }
 
 static void kick_tick(struct sched_forward *f);
+static void on_hold(uv_timer_t *t);
 static void link_close(struct sched_forward *f, const char *why);
 static int serve_inject(struct sched_forward *f, const char *raw,
                         size_t raw_len, const char *peer,
@@ -582,6 +595,10 @@ req_free(struct fwd_req *q)
     free(q->target);
     free(q->body);
     free(q->raw);
+    if (q->held != NULL) {
+        resp_free(q->held);
+        free(q->held);
+    }
     free(q);
 }
 
@@ -601,55 +618,117 @@ answer_resp(struct pd_http_req *r, const struct resp *x)
                     x->body.len);
 }
 
-/* The leader's OK {status, headers, body}. */
-static void
-answer_ok(struct fwd_req *q, const struct pd_msg *m)
+/* The leader's OK {status, headers, body} as a struct resp. */
+static int
+msg_to_resp(const struct pd_msg *m, struct resp *x)
 {
-    struct pd_http_req *r = q->r;
     const msgpack_object_array *hs;
     const void *body = NULL;
-    const char *ctype = NULL;
-    char ctbuf[256];
     size_t blen = 0;
     uint64_t status;
     uint32_t i;
 
+    memset(x, 0, sizeof(*x));
     if (pd_msg_u64(m, "status", &status) != 0 || status < 100 ||
         status > 599 || pd_msg_array(m, "headers", &hs) != 0 ||
         hs->size > FWD_HEADERS_MAX ||
-        (pd_msg_bin(m, "body", &body, &blen) != 0 && blen != 0)) {
-        q_fail(q, 502, "unavailable", "the leader's answer was malformed");
-        return;
-    }
-    if (r == NULL) {
-        if (q->idone != NULL)
-            q->idone(q->idata, (int)status);
-        q->idone = NULL;
-        return;
-    }
+        (pd_msg_bin(m, "body", &body, &blen) != 0 && blen != 0))
+        return -EPROTO;
+    x->status = (int)status;
     for (i = 0; i < hs->size; i++) {
         const msgpack_object *h = &hs->ptr[i];
-        char name[128], value[1024];
         const char *n, *v;
         size_t nl, vl;
 
         if (h->type != MSGPACK_OBJECT_ARRAY || h->via.array.size != 2 ||
             pd_obj_str(&h->via.array.ptr[0], &n, &nl) != 0 ||
-            pd_obj_str(&h->via.array.ptr[1], &v, &vl) != 0 ||
-            nl >= sizeof(name) || vl >= sizeof(value))
+            pd_obj_str(&h->via.array.ptr[1], &v, &vl) != 0 || nl == 0 ||
+            nl > 128 || vl > 4096 || !text_ok(n, nl, false) ||
+            !text_ok(v, vl, true))
             continue;
-        memcpy(name, n, nl);
-        name[nl] = '\0';
-        memcpy(value, v, vl);
-        value[vl] = '\0';
-        if (strcasecmp(name, "content-type") == 0) {
-            pd_strlcpy(ctbuf, value, sizeof(ctbuf));
-            ctype = ctbuf;
-        } else if (!hop_header(name)) {
-            pd_http_add_header(r, name, value);
+        sb_add(&x->field, n, nl);
+        sb_add(&x->value, v, vl);
+        if (x->value.p == NULL)
+            sb_add(&x->value, "", 0);
+        resp_flush_header(x);
+    }
+    sb_add(&x->body, body != NULL ? body : "", blen);
+    if (x->failed || x->body.failed) {
+        resp_free(x);
+        return -ENOMEM;
+    }
+    return 0;
+}
+
+static uint64_t
+applied_here(struct sched *s)
+{
+    struct raftnode_status st;
+
+    if (s->raft == NULL)
+        return 0;
+    raftnode_status(s->raft, &st);
+    return st.last_applied;
+}
+
+/*
+ * Read-your-writes: the leader says up to which index it had applied when
+ * it answered. A client that writes through this follower and then reads
+ * from it must see its write, so the answer waits (at most FWD_HOLD_MS)
+ * until this member has applied as far.
+ */
+static void
+answer_ok(struct fwd_req *q, const struct pd_msg *m)
+{
+    struct sched_forward *f = q->f;
+    struct resp *x = malloc(sizeof(*x));
+    uint64_t idx = 0;
+
+    if (x == NULL || msg_to_resp(m, x) != 0) {
+        free(x);
+        q_fail(q, 502, "unavailable", "the leader's answer was malformed");
+        req_free(q);
+        return;
+    }
+    if (q->r == NULL) {
+        if (q->idone != NULL)
+            q->idone(q->idata, x->status);
+        q->idone = NULL;
+    } else if (pd_msg_u64(m, "applied", &idx) == 0 &&
+               applied_here(f->s) < idx) {
+        list_del(q);
+        q->held = x;
+        q->hold_index = idx;
+        q->hold_deadline = pd_now_ms() + FWD_HOLD_MS;
+        list_add(&f->holding, q);
+        uv_timer_start(&f->hold_timer, on_hold, FWD_HOLD_TICK_MS,
+                       FWD_HOLD_TICK_MS);
+        return;
+    } else {
+        answer_resp(q->r, x);
+    }
+    resp_free(x);
+    free(x);
+    req_free(q);
+}
+
+static void
+on_hold(uv_timer_t *t)
+{
+    struct sched_forward *f = t->data;
+    uint64_t idx = applied_here(f->s), now = pd_now_ms();
+    struct fwd_req *q, *next;
+
+    for (q = f->holding.next; q != &f->holding; q = next) {
+        next = q->next;
+        if (idx >= q->hold_index || now >= q->hold_deadline ||
+            f->closed) {
+            answer_resp(q->r, q->held);
+            req_free(q);
         }
     }
-    pd_http_respond(r, (int)status, ctype, body != NULL ? body : "", blen);
+    if (f->holding.next == &f->holding)
+        uv_timer_stop(&f->hold_timer);
 }
 
 /* ---- The link to the leader (follower side) ----------------------------- */
@@ -716,7 +795,6 @@ link_msg(struct pd_conn *c, const struct pd_msg *m)
         return;
     if (m->type == PD_MSG_OK) {
         answer_ok(q, m);
-        req_free(q);
         return;
     }
     {
@@ -1158,6 +1236,7 @@ serve_reply(struct fwd_serve *sv, int err, const char *resp, size_t len)
         pd_enc_pack_str(&e, x.hvalue[i]);
     }
     pd_enc_bin(&e, "body", x.body.p != NULL ? x.body.p : "", x.body.len);
+    pd_enc_u64(&e, "applied", applied_here(sv->f->s));
     if (pd_conn_send(sv->conn, &e) == -EMSGSIZE)
         pd_conn_send_error(sv->conn, sv->id, EMSGSIZE, "the answer is too "
                            "large to forward");
@@ -1269,6 +1348,9 @@ sched_forward_init(struct sched *s, char *err, size_t errlen)
     f->s = s;
     list_init(&f->waiting);
     list_init(&f->sent);
+    list_init(&f->holding);
+    uv_timer_init(s->loop, &f->hold_timer);
+    f->hold_timer.data = f;
     f->serving.prev = f->serving.next = &f->serving;
     /* Long enough for an election with a split vote or two. */
     f->wait_ms = 5 * s->cfg.election_timeout_ms;
@@ -1305,6 +1387,13 @@ sched_forward_close(struct sched *s)
     for (sv = f->serving.next; sv != &f->serving; sv = sv->next)
         sv->conn = NULL;
     link_close(f, "shutting down");
+    for (q = f->holding.next; q != &f->holding; q = next) {
+        next = q->next;
+        answer_resp(q->r, q->held);
+        req_free(q);
+    }
     uv_timer_stop(&f->tick);
     uv_close((uv_handle_t *)&f->tick, NULL);
+    uv_timer_stop(&f->hold_timer);
+    uv_close((uv_handle_t *)&f->hold_timer, NULL);
 }
