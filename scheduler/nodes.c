@@ -654,6 +654,7 @@ on_register_applied(void *data, int status, const struct fsm_result *res)
     pd_enc_begin(&enc, PD_MSG_OK, p->msg_id);
     pd_enc_u64(&enc, "heartbeat_ms", p->n->heartbeat_ms);
     pd_conn_send(ss->conn, &enc);
+    sched_tokens_push_revoked(p->n->s, ss->conn); /* added by tokens */
     pd_info("nodes", "node %s: registered (%s, %u CPUs, %llu MB, %llu MB "
             "disk, %zu sandboxes)", node, p->cmd.u.node_register.rpc_addr,
             p->cmd.u.node_register.cpus,

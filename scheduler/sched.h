@@ -243,6 +243,13 @@ void sched_nodes_on_state(struct sched *s, bool leader);
 struct pd_enc;
 void sched_nodes_broadcast(struct sched *s, struct pd_enc *e);
 /*
+ * Added by tokens (tokens.c): sends TOKEN_REVOKE {jti, exp} for every
+ * revoked token that has not expired on a session that just registered,
+ * so an agent that was away during a revocation (or restarted) knows the
+ * whole set; nodes.c calls it after the registration's OK.
+ */
+void sched_tokens_push_revoked(struct sched *s, struct pd_conn *c);
+/*
  * Added by nodes. True when the node has a registered session with this
  * member (the leader) and was heard from within the grace period.
  */

@@ -36,6 +36,7 @@
 #include <jansson.h>
 
 #include "common/log.h"
+#include "proto/conn.h"
 #include "proto/frame.h"
 #include "scheduler/auth.h"
 
@@ -621,4 +622,31 @@ sched_tokens_close(struct sched *s)
         return;
     uv_close((uv_handle_t *)gc_timer, gc_closed);
     gc_timer = NULL;
+}
+
+/* ---- The revoked set for an agent that (re)registers ------------------- */
+
+void
+sched_tokens_push_revoked(struct sched *s, struct pd_conn *c)
+{
+    struct fsm_token *v = NULL;
+    uint64_t now = pd_wall_ms();
+    size_t n = 0, i, sent = 0;
+    struct pd_enc e;
+
+    if (c == NULL || fsm_token_list(s->fsm, NULL, true, &v, &n) != 0)
+        return;
+    for (i = 0; i < n; i++) {
+        if (v[i].exp_ms != 0 && v[i].exp_ms <= now)
+            continue;
+        pd_enc_begin(&e, PD_MSG_TOKEN_REVOKE, 0);
+        pd_enc_str(&e, "jti", v[i].jti);
+        pd_enc_u64(&e, "exp", v[i].exp_ms / 1000);
+        if (pd_conn_send(c, &e) == 0)
+            sent++;
+    }
+    free(v);
+    if (sent > 0)
+        pd_debug("tokens", "%zu revoked tokens sent to a registering agent",
+                 sent);
 }
