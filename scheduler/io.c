@@ -52,8 +52,11 @@
 #define ARG_MAX_BYTES (256u << 10) /* argv and command, summed */
 #define ENV_MAX 256
 #define LOGS_MAX (8u << 20)        /* collected logs, per stream */
-#define UPLOAD_CHUNK (256u << 10)
-#define UPLOAD_BUF_MAX (1u << 20)  /* body bytes held before pausing */
+/* Uploads go out in whole chunks: each frame costs the guest a round of
+ * virtio-serial, a write and a WINDOW, so trickling the HTTP reads' 64 KiB
+ * pieces made uploads several times slower than downloads. */
+#define UPLOAD_CHUNK PD_CHUNK_MAX
+#define UPLOAD_BUF_MAX (2 * UPLOAD_CHUNK) /* body held before pausing */
 #define TIMEOUT_MAX_MS (24ull * 3600 * 1000)
 #define PATH_MAX_LEN 4095
 /* An idle event stream gets a comment this often: a client that went away
@@ -1109,14 +1112,17 @@ upload_pump(struct io *io)
 {
     if (io->q == NULL || io->r == NULL)
         return;
-    while (io->up_off < io->up.len && sched_areq_credit(io->q) > 0 &&
+    while (io->up_off < io->up.len &&
            sched_areq_queued(io->q) < PD_CONN_HIGH_WATER) {
         size_t n = io->up.len - io->up_off;
 
         if (n > UPLOAD_CHUNK)
             n = UPLOAD_CHUNK;
-        if (n > sched_areq_credit(io->q))
-            n = (size_t)sched_areq_credit(io->q);
+        /* A part chunk only at the end; and wait for credit for all of
+         * it (the credit comes back whole once the guest wrote). */
+        if ((n < UPLOAD_CHUNK && !io->body_done) ||
+            n > sched_areq_credit(io->q))
+            break;
         send_data(io, io->up.data + io->up_off, n, false);
         if (io->q == NULL)
             return;
