@@ -58,6 +58,7 @@
 #include "common/log.h"
 #include "proto/conn.h"
 #include "proto/msgtypes.h"
+#include "scheduler/auth.h"
 #include "scheduler/sched.h"
 
 #define PLACE_TRIES 3
@@ -360,9 +361,12 @@ commit_state(struct op *o, int state, const char *reason)
 
 /* ---- the assignment to the agent --------------------------------------- */
 
-/* SANDBOX_CREATE's fields from the spec. */
+/* SANDBOX_CREATE's fields from the spec. token (added by tokens): the
+ * sandbox-scoped token for an allow-list sandbox's egress proxy, given to
+ * the guest as PADDOCK_TOKEN in place of any such variable of the spec. */
 static void
-encode_create(struct pd_enc *e, const char *id, const struct fsm_spec *sp)
+encode_create(struct pd_enc *e, const char *id, const struct fsm_spec *sp,
+              const char *token)
 {
     const char *eg = sp->egress;
     bool listed = strcmp(eg, "none") != 0 && strcmp(eg, "all") != 0 &&
@@ -389,11 +393,21 @@ encode_create(struct pd_enc *e, const char *id, const struct fsm_spec *sp)
             p += len + (p[len] == ',');
         }
     }
+    size_t n_env = 0;
+
+    for (size_t i = 0; i < sp->n_env; i++)
+        n_env += token == NULL || strcmp(sp->env[i].key, "PADDOCK_TOKEN");
     pd_enc_key(e, "env");
-    msgpack_pack_map(&e->pk, sp->n_env);
+    msgpack_pack_map(&e->pk, n_env + (token != NULL));
     for (size_t i = 0; i < sp->n_env; i++) {
+        if (token != NULL && strcmp(sp->env[i].key, "PADDOCK_TOKEN") == 0)
+            continue;
         pd_enc_pack_str(e, sp->env[i].key);
         pd_enc_pack_str(e, sp->env[i].value);
+    }
+    if (token != NULL) {
+        pd_enc_pack_str(e, "PADDOCK_TOKEN");
+        pd_enc_pack_str(e, token);
     }
     pd_enc_bool(e, "wait", true);
 }
@@ -462,9 +476,18 @@ op_send(struct op *o, struct pd_enc *e, const struct sched_areq_cb *cb)
 static void
 op_create_on_agent(struct op *o)
 {
+    const char *eg = o->row.spec.egress;
     struct pd_enc e;
+    char *token = NULL;
 
-    encode_create(&e, op_sandbox(o), &o->row.spec);
+    if (strcmp(eg, "none") != 0 && strcmp(eg, "all") != 0 && eg[0] != '\0')
+        token = sched_auth_sandbox_token(o->lc->s, o->row.tenant,
+                                         op_sandbox(o));
+    encode_create(&e, op_sandbox(o), &o->row.spec, token);
+    if (token != NULL) {
+        explicit_bzero(token, strlen(token));
+        free(token);
+    }
     o->assign_deadline_ms = pd_now_ms() + ASSIGN_TIMEOUT_MS;
     op_send(o, &e, &assign_cb);
 }
