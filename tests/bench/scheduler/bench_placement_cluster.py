@@ -17,7 +17,7 @@ Starts 3 paddock-schedulers on loopback, then:
 
   bench_placement_cluster [--nodes 1000] [--creates 100000]
       [--concurrency 64] [--wait] [--leader-only] [--rounds 5] [--skip-loss]
-      [--skip-placement] [--dir DIR] [--keep]
+      [--skip-placement] [--sched-arg=--KEY=VALUE ...] [--dir DIR] [--keep]
 
 PADDOCK_BENCH_SCALE (e.g. 0.05) scales NODES and CREATES down for a quick
 run; the defaults are the issue's. Binaries come from $PADDOCK_BUILD
@@ -110,6 +110,7 @@ class Bench:
         self.procs = []
         self.token = None
         self.sched = []
+        self.sched_args = args.sched_arg or []
 
     def binary(self, *parts):
         p = os.path.join(self.build, *parts)
@@ -163,7 +164,7 @@ class Bench:
                 "--tls_key", os.path.join(pki, "s%d.key" % s["id"]),
                 "--tls_ca", os.path.join(pki, "ca.pem"),
                 "--rate_per_s", "100000000", "--rate_burst", "100000000",
-                "--log_level", "warn"])
+                "--log_level", "warn"] + self.sched_args)
         self.token = wait_for(self.admin_token, 60, "the admin token")
         wait_for(self.leader, 30, "a leader")
 
@@ -300,6 +301,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--skip-loss", action="store_true")
     ap.add_argument("--skip-placement", action="store_true")
+    ap.add_argument("--sched-arg", action="append", metavar="ARG",
+                    help="extra paddock-scheduler argument (repeatable), "
+                    "e.g. --sched-arg=--snapshot_threshold=65536")
     ap.add_argument("--dir")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
