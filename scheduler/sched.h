@@ -239,7 +239,8 @@ int sched_nodes_init(struct sched *s, char *err, size_t errlen);
 void sched_nodes_close(struct sched *s);
 /* Leadership changed: start or stop the failure detector. */
 void sched_nodes_on_state(struct sched *s, bool leader);
-/* Sends a frame to every connected agent session (revocation push). */
+/* Sends a frame to every connected agent session (revocation push).
+ * (nodes:) the call finishes and releases e, whatever happens. */
 struct pd_enc;
 void sched_nodes_broadcast(struct sched *s, struct pd_enc *e);
 /*
