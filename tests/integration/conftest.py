@@ -235,7 +235,7 @@ class Cluster:
 
     def __init__(self, procs, workdir, schedulers=3, agents=0,
                  guest=None, sched_env=None, agent_args=None,
-                 sched_args=None):
+                 sched_args=None, agent_env=None):
         self.procs = procs
         self.dir = workdir
         self.pki = os.path.join(workdir, "pki")
@@ -274,6 +274,7 @@ class Cluster:
             wait_for(lambda: self.api("GET", "/v1/cluster", at=s)[0] == 200,
                      30, "scheduler %d to accept the admin token" % s["id"])
         self.agents = []
+        self.agent_env = agent_env
         for n in anames:
             self.start_agent(n, guest, agent_args)
         if anames:
@@ -302,7 +303,8 @@ class Cluster:
             "--tls_ca", os.path.join(self.pki, "ca.pem"),
             "--kernel", kernel, "--initrd", initrd, "--accel", "tcg",
             "--reserve_memory", "0", "--reserve_disk", "0",
-            "--stop_vms_on_exit"] + list(extra or []))
+            "--stop_vms_on_exit"] + list(extra or []),
+            env=getattr(self, "agent_env", None))
         self.agents.append(a)
         return a
 
