@@ -356,6 +356,7 @@ frame_to_raw(const struct pd_msg *m, struct sbuf *raw, char *origin,
     const msgpack_object_array *hs;
     const void *bptr = NULL;
     char line[64];
+    bool has_host = false;
     uint32_t i;
 
     if (pd_msg_str(m, "method", &method, &mlen) != 0 || mlen == 0 ||
@@ -409,12 +410,15 @@ frame_to_raw(const struct pd_msg *m, struct sbuf *raw, char *origin,
             name[nl] = '\0';
             if (hop_header(name))
                 continue;
+            has_host |= strcasecmp(name, "host") == 0;
         }
         sb_add(raw, n, nl);
         sb_str(raw, ": ");
         sb_add(raw, v, vl);
         sb_str(raw, "\r\n");
     }
+    if (!has_host) /* an HTTP/1.0 client's request is sent as 1.1 */
+        sb_str(raw, "Host: paddock\r\n");
     snprintf(line, sizeof(line), "Content-Length: %zu\r\n", blen);
     sb_str(raw, line);
     sb_str(raw, "Connection: close\r\nX-Paddock-Forwarded-By: ");
