@@ -141,8 +141,6 @@ decode(const void *buf, size_t len, struct fsm_cmd *out)
         assert_true(err[0] != '\0'); /* a failure always says why */
         assert_memory_equal(out, &zero, sizeof(zero));
     }
-    if (getenv("TEST_VERBOSE") != NULL)
-        fprintf(stderr, "decode: %d %s\n", rv, err);
     return rv;
 }
 

@@ -609,7 +609,7 @@ test_catch_up_by_snapshot(void **state)
     free(want);
 
     member_stop(w, lag, false);
-    propose_workload(w, l, "missed", 40); /* 81 entries: 5 snapshots */
+    propose_workload(w, l, "missed", 40); /* 81 entries it misses */
     snapshot_beyond(w, l, 40);
 
     member_start(w, (size_t)(lag - w->m), 3, 16);
@@ -802,8 +802,6 @@ test_add_unreachable(void **state)
     snprintf(dead, sizeof(dead), "127.0.0.1:%u", free_port());
     assert_int_equal(raftnode_add(a->node, 5, dead, change_cb, &ch), 0);
     assert_true(run_until(&w->loop, change_done, &ch, WAIT_MS));
-    if (getenv("TEST_VERBOSE") != NULL)
-        fprintf(stderr, "add: %d %s\n", ch.status, ch.msg);
     assert_int_equal(ch.status, -ENOTCONN);
     assert_non_null(strstr(ch.msg, "promotion to voter failed"));
     assert_int_equal(voter_count(a->node), 1);
