@@ -135,7 +135,7 @@ def err_code(body):
     return body["error"]["code"]
 
 
-# ---- creates through a follower ----------------------------------------------
+# ---- creates through a follower ---------------------------------------------
 
 
 def test_create_through_a_follower_lands_on_a_node(lc):
@@ -196,7 +196,7 @@ def test_cluster_nodes_health_and_metrics(lc):
         assert want in text, want
 
 
-# ---- bad input ---------------------------------------------------------------
+# ---- bad input --------------------------------------------------------------
 
 
 def test_bad_input_gets_clear_4xx(lc):
@@ -327,7 +327,7 @@ def test_sigterm_hands_leadership_over(lc):
     assert new in rest and took < 5, took
 
 
-# ---- leader failure ------------------------------------------------------------
+# ---- leader failure ---------------------------------------------------------
 
 
 def test_leader_kill_loses_no_acknowledged_create(lc):
@@ -403,7 +403,7 @@ def test_killed_scheduler_restarts_and_catches_up(lc):
         assert st == 200, b
 
 
-# ---- membership ----------------------------------------------------------------
+# ---- membership -------------------------------------------------------------
 
 
 def member_ids(lc):
@@ -454,7 +454,7 @@ def test_add_and_remove_a_scheduler(lc):
     lc.run("stop", "scheduler-4")
 
 
-# ---- snapshots and a full restart --------------------------------------------------
+# ---- snapshots and a full restart -------------------------------------------
 
 
 def rows(lc, at=None, consistent=True):
