@@ -57,7 +57,8 @@ if [ -z "${PADDOCK_TEST_QUICK:-}" ]; then
             -Db_sanitize=address,undefined -Db_lundef=false >/dev/null; } &&
         ninja -C build-fuzz $targets >build-fuzz.ninja.log 2>&1; then
         for f in build-fuzz/tests/fuzz/fuzz_*; do
-            [ -x "$f" ] || continue
+            # meson keeps objects in fuzz_*.p folders beside the binaries
+            [ -f "$f" ] && [ -x "$f" ] || continue
             name=$(basename "$f")
             corpus="$ROOT/build-fuzz/corpus-$name"
             mkdir -p "$corpus"
