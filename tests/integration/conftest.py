@@ -292,10 +292,13 @@ class Cluster:
 
     def start_agent(self, name, guest, extra=None):
         kernel, initrd = guest
+        # Node ids name cgroups shared by every agent on this machine: a
+        # suffix keeps concurrent test clusters out of each other's way.
         a = {"name": name, "rpc": "127.0.0.1:%d" % free_port(),
-             "dir": os.path.join(self.dir, name)}
+             "dir": os.path.join(self.dir, name),
+             "node": "%s-%s" % (name, os.urandom(3).hex())}
         a["proc"] = self.procs.start("agent-" + name, [
-            binary("paddock-agent"), "--node_id", name,
+            binary("paddock-agent"), "--node_id", a["node"],
             "--data_dir", a["dir"], "--rpc_listen", a["rpc"],
             "--schedulers", ",".join(s["rpc"] for s in self.sched),
             "--tls_cert", os.path.join(self.pki, name + ".pem"),
