@@ -14,7 +14,9 @@
  * Membership changes go one at a time (raft refuses a second one with
  * RAFT_CANTCHANGE; this file answers 409 before even asking): add is
  * raftnode_add (spare, then voter) followed by MEMBER_SET for the new
- * member's addresses; remove is raftnode_remove then MEMBER_REMOVE. The
+ * member's addresses when they were given (else the member records them
+ * itself through the leader once it follows); remove is raftnode_remove
+ * then MEMBER_REMOVE. The
  * leader does not remove itself: it would step down before it could
  * answer, so it asks for a leadership transfer first.
  */
@@ -562,6 +564,15 @@ change_done(void *data, int status, const char *msg)
         int st = status_of(status);
 
         change_finish(x, st, NULL, *msg != '\0' ? msg : strerror(-status));
+        return;
+    }
+    if (x->add && x->m.api_addr[0] == '\0') {
+        /* Only a Raft address given (paddock cluster add-member ID ADDR):
+         * the member records its other addresses itself once it follows
+         * (on_self_check). */
+        pd_info("cluster", "member %llu: added; it will record its own "
+                "addresses", (unsigned long long)x->m.id);
+        change_finish(x, 201, member_json(&x->m), "");
         return;
     }
     rv = fsm_cmd_init(&cmd, x->add ? FSM_CMD_MEMBER_SET

@@ -453,6 +453,19 @@ def test_add_and_remove_a_scheduler(lc):
     assert 4 not in member_ids(lc)
     lc.run("stop", "scheduler-4")
 
+    # As the CLI adds one (id and Raft address only): the new member then
+    # records its other addresses itself.
+    info = json.loads(lc.run("join", "scheduler-5").strip().splitlines()[-1])
+    st, _h, b = api(lc, "POST", "/v1/cluster/members",
+                    {"id": str(info["id"]), "raft_addr": info["raft_addr"]},
+                    at=lc.followers()[0], timeout=60)
+    assert st == 201, b
+    wait_for(lambda: member_ids(lc).get(5, {}).get("api_addr") ==
+             info["api_addr"], 15, "member 5 to record its addresses")
+    st, _h, b = api(lc, "DELETE", "/v1/cluster/members/5")
+    assert st == 200, b
+    lc.run("stop", "scheduler-5")
+
 
 # ---- snapshots and a full restart -------------------------------------------
 
