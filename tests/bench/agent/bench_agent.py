@@ -105,7 +105,8 @@ class Bench:
             "--tls_ca", os.path.join(self.pki, "ca.pem"),
             "--kernel", os.path.join(GUEST, "vmlinuz"),
             "--initrd", os.path.join(GUEST, "initrd.img"),
-            "--cpu_overcommit", "16", "--boot_timeout", "300s"],
+            "--cpu_overcommit", "16", "--boot_timeout", "300s",
+            "--log_level", "debug"],
             stdout=log, stderr=log, start_new_session=True)
 
         def up():
@@ -218,25 +219,38 @@ def plain_hello_boot(work, i, mem):
             os.kill(pid, signal.SIGKILL)
 
 
+def tsc_khz():
+    """The host TSC rate, as qemu.c passes it under TCG (the guest's PIT
+    calibration fails on a loaded host and the kernel then hangs)."""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":")[1]) * 1000)
+    return 0
+
+
 def kernel_only_boot(mem):
     """The same kernel with an initramfs that powers off at once: seconds
     until QEMU exits."""
+    cmdline = "console=ttyS0 quiet panic=-1"
+    if ACCEL != "kvm" and tsc_khz():
+        cmdline += " tsc_early_khz=%d tsc=reliable" % tsc_khz()
     argv = [QEMU, "-M", "microvm,rtc=on", "-accel",
             "kvm" if ACCEL == "kvm" else "tcg,tb-size=128", "-cpu",
             "host" if ACCEL == "kvm" else "max", "-m", str(mem),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-kernel", os.path.join(GUEST, "vmlinuz"), "-initrd",
             os.path.join(GUEST, "trivial-initrd.img"), "-append",
-            "console=ttyS0 quiet panic=-1", "-serial", "null"]
+            cmdline, "-serial", "null"]
     t0 = time.monotonic()
     p = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     try:
-        p.wait(300)
+        p.wait(180)
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait(10)
-        raise
+        raise RuntimeError("the trivial image did not power off in 180 s")
     return time.monotonic() - t0
 
 
@@ -251,10 +265,15 @@ def smaps(pid):
 
 
 def guest_used_mb(b, sb):
-    r = b.call("EXEC", sandbox=sb, command="grep -E '^(MemTotal|MemAvailable)"
-               ":' /proc/meminfo")
+    """MemTotal - MemAvailable inside the guest, or None (reported)."""
+    try:
+        r = b.call("EXEC", sandbox=sb, timeout=60, timeout_ms=30000,
+                   command="grep -E '^(MemTotal|MemAvailable):' /proc/meminfo")
+    except Exception as e:
+        print("   %s: exec failed: %s" % (sb, e), file=sys.stderr)
+        return None
     vals = [int(l.split()[1]) for l in r["stdout"].splitlines()]
-    return vals[0] / 1024.0, (vals[0] - vals[1]) / 1024.0
+    return (vals[0] - vals[1]) / 1024.0
 
 
 def fmt(xs):
@@ -276,6 +295,7 @@ def main():
     work = tempfile.mkdtemp(prefix="paddock-bench-agent-")
     os.chmod(work, 0o711)
     b = Bench(work)
+    keep = True  # until the run ends well
     try:
         b.certs()
         b.start_agent()
@@ -323,20 +343,29 @@ def main():
         rss, pss = [], []
         for r in replies:
             m = smaps(r["pid"])
-            total, used = guest_used_mb(b, r["sandbox"])
+            used = guest_used_mb(b, r["sandbox"])
             rss.append(m["Rss"])
             pss.append(m["Pss"])
-            print("   %-7s %9.1f %9.1f %11.1f %+11.1f" % (
-                r["sandbox"], m["Rss"], m["Pss"], used,
+            print("   %-7s %9.1f %9.1f %11s %+11.1f" % (
+                r["sandbox"], m["Rss"], m["Pss"],
+                "%.1f" % used if used is not None else "n/a",
                 m["Rss"] - args.mem))
         print("   median RSS %.1f MiB, PSS %.1f MiB for %d MiB of guest "
               "memory (cgroup limit: guest + %d MiB)" % (
                   statistics.median(rss), statistics.median(pss), args.mem,
                   b.call("AGENT_INFO")["memory_overhead_mb"]))
         b.destroy([s["sandbox"] for s in specs])
+    except Exception:
+        keep = True
+        raise
+    else:
+        keep = bool(os.environ.get("PADDOCK_BENCH_KEEP"))
     finally:
         b.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if keep:
+            print("bench_agent: logs kept in %s" % work, file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
