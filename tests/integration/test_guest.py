@@ -143,11 +143,36 @@ def test_exec_timeout_kills_grandchildren(vm):
     assert "sleep 300" not in ps and "sleep 301" not in ps, ps
 
 
+def test_host_leaving_ends_its_execs_but_not_processes(vm):
+    one(vm, "start", "--name", "keeper", "--", "sleep", "1002")
+    # QEMU's socket takes one host at a time: the streamed exec itself
+    # says when it runs, then its host vanishes.
+    client = subprocess.Popen([binary("pd-guest"), "--dir", vm["dir"],
+                               "exec", "--stream", "--timeout-ms", "60000",
+                               "--sh", "echo running; exec sleep 1003"],
+                              stdout=subprocess.PIPE)
+    running = False
+    try:
+        # Bounded: the exec's own timeout ends the stream at worst.
+        for line in client.stdout:
+            if json.loads(line).get("data") == "running\n":
+                running = True
+                break
+    finally:
+        client.kill()
+        client.wait()
+    assert running
+    wait_for(lambda: "sleep 1003" not in sh(vm, "ps -o args")["stdout"], 60,
+             "the exec of the vanished host to be killed")
+    assert one(vm, "proc", "keeper")["proc"]["running"] is True
+    one(vm, "kill", "keeper", "--signal", "9")
+
+
 def test_orphans_are_reaped(vm):
     # Background children outlive their shell; PID 1 must reap them.
     sh(vm, "for i in 1 2 3 4 5; do (sleep 0.2 &) ; done")
     wait_for(lambda: " Z " not in sh(vm, "ps -o pid,stat,args")["stdout"],
-             10, "no zombie processes")
+             60, "no zombie processes")
 
 
 def test_exec_output_is_capped(vm):
@@ -193,12 +218,12 @@ def test_processes_logs_and_signals(vm):
     names = [p["proc"] for p in one(vm, "ps")["procs"]]
     assert "stubborn" in names
     wait_for(lambda: "started" in "".join(
-        l.get("data", "") for l in run(vm, "logs", "stubborn")), 10,
+        l.get("data", "") for l in run(vm, "logs", "stubborn")), 60,
         "the process's output in its log")
     # SIGTERM is ignored; the grace time ends with SIGKILL.
     one(vm, "kill", "stubborn", "--signal", "15", "--kill-after-ms", "1000")
     p = wait_for(lambda: (lambda x: x if not x["running"] else None)(
-        one(vm, "proc", "stubborn")["proc"]), 15, "the process to be killed")
+        one(vm, "proc", "stubborn")["proc"]), 60, "the process to be killed")
     assert p["signal"] == 9
     assert err_code(one(vm, "kill", "stubborn")) == "ESRCH"
     assert err_code(one(vm, "proc", "nobody")) == "ENOENT"
@@ -210,10 +235,10 @@ def test_processes_logs_and_signals(vm):
 def test_signal_reaches_the_whole_process_group(vm):
     one(vm, "start", "--name", "family", "--sh",
         "sleep 1000 & sleep 1001 & wait")
-    wait_for(lambda: "sleep 1001" in sh(vm, "ps -o args")["stdout"], 10,
+    wait_for(lambda: "sleep 1001" in sh(vm, "ps -o args")["stdout"], 60,
              "the children to start")
     one(vm, "kill", "family", "--signal", "15")
-    wait_for(lambda: "sleep 100" not in sh(vm, "ps -o args")["stdout"], 10,
+    wait_for(lambda: "sleep 100" not in sh(vm, "ps -o args")["stdout"], 60,
              "every process of the group to end")
     p = one(vm, "proc", "family")["proc"]
     assert p["running"] is False and p["signal"] == 15
@@ -223,7 +248,7 @@ def test_logs_ring_is_bounded(vm):
     # 1 MB of output: the log keeps about its last 256 KiB.
     one(vm, "start", "--name", "loud", "--sh",
         "head -c 1000000 /dev/zero | tr '\\0' y; echo; echo last")
-    wait_for(lambda: not one(vm, "proc", "loud")["proc"]["running"], 30,
+    wait_for(lambda: not one(vm, "proc", "loud")["proc"]["running"], 60,
              "the process to end")
     lines = run(vm, "logs", "loud")
     out = "".join(l.get("data", "") for l in lines if "data" in l)
@@ -365,14 +390,17 @@ def test_fork_bomb_is_contained(vm):
     ("garbage", "EPROTO"), ("huge", "EPROTO"), ("unknown", "ENOSYS"),
     ("badtype", "EPROTO"), ("types", "EINVAL"), ("nulpath", "EINVAL"),
     ("dotdot", "EINVAL"), ("noid", "EINVAL"), ("dupid", "EBUSY"),
-    ("version", "EPROTO"), ("nohello", "EPROTO")])
+    ("version", "EPROTO")])
 def test_bad_host_input_gets_an_error_and_the_agent_goes_on(vm, kind, code):
     # pd-guest sends an exec (id 1) before the bad input and an info (id 2)
-    # after it, on the same connection.
+    # after it, on the same connection. A request before any HELLO is not
+    # here: when a host reconnects faster than the agent reads, the port
+    # shows no hangup, so the agent may rightly take it for the previous
+    # session; tests/unit/guest covers it on a fresh stream.
     lines = run(vm, "bad", kind)
     assert any(l.get("t") == 3 and l.get("code") == code for l in lines), \
         lines
-    if kind not in ("version", "nohello"):
+    if kind != "version":
         # The exec in flight finishes; EXIT is type 104.
         assert any(l.get("t") == 104 and l.get("id") == 1 and
                    l.get("stdout") == "alive\n" for l in lines), lines
