@@ -63,6 +63,9 @@
  * is noticed only by a failing write (its FIN alone reads as a
  * half-close), and then its exec or follow is cancelled in the guest. */
 #define SSE_KEEPALIVE_MS 1000
+/* An event stream whose first frame is slow (a follow of a silent
+ * process) starts anyway after this, so the client sees its headers. */
+#define SSE_START_MS 300
 
 enum io_kind {
     IO_EXEC,
@@ -652,15 +655,6 @@ sse_json(struct io *io, const char *event, json_t *j)
 }
 
 static void
-on_keepalive(uv_timer_t *t)
-{
-    struct io *io = t->data;
-
-    if (io->r != NULL && pd_http_queued(io->r) == 0)
-        pd_http_sse_comment(io->r, "keep-alive");
-}
-
-static void
 start_sse(struct io *io)
 {
     if (io->sse || io->r == NULL)
@@ -669,13 +663,32 @@ start_sse(struct io *io)
     pd_http_sse_start(io->r);
     pd_http_on_drain(io->r, io_drain);
     io->sse = true;
+}
+
+static void
+on_keepalive(uv_timer_t *t)
+{
+    struct io *io = t->data;
+
+    if (io->r == NULL)
+        return;
+    if (!io->sse)
+        start_sse(io);
+    else if (pd_http_queued(io->r) == 0)
+        pd_http_sse_comment(io->r, "keep-alive");
+}
+
+/* For the event streams: starts them late, keeps them alive. */
+static void
+arm_keepalive(struct io *io)
+{
     io->keepalive = malloc(sizeof(*io->keepalive));
-    if (io->keepalive != NULL) {
-        uv_timer_init(io->s->loop, io->keepalive);
-        io->keepalive->data = io;
-        uv_timer_start(io->keepalive, on_keepalive, SSE_KEEPALIVE_MS,
-                       SSE_KEEPALIVE_MS);
-    }
+    if (io->keepalive == NULL)
+        return;
+    uv_timer_init(io->s->loop, io->keepalive);
+    io->keepalive->data = io;
+    uv_timer_start(io->keepalive, on_keepalive, SSE_START_MS,
+                   SSE_KEEPALIVE_MS);
 }
 
 /* Ends a streamed response that completed. */
@@ -1303,6 +1316,9 @@ io_send(struct io *io)
     io->q = q;
     if (cb == &exec_cb || cb == &logs_cb || cb == &read_cb)
         sched_areq_manual_window(q);
+    if ((io->kind == IO_EXEC && io->stream) ||
+        (io->kind == IO_PROC_LOGS && io->follow))
+        arm_keepalive(io);
     if (io->kind == IO_FILE_PUT)
         start_upload(io);
 }

@@ -233,8 +233,17 @@ def test_process_start_list_follow_logs_and_signal(cl):
     st, _h, r = call(cl, "POST", base, {"id": "sleeper",
                                         "argv": ["sleep", "300"]})
     assert st in (200, 201), r
-    st, _h, r = call(cl, "DELETE", base + "/sleeper?signal=SIGTERM")
-    assert st == 200, r
+    # Following a silent process: the stream starts at once and ends with
+    # the signal that ends the process.
+    c, resp = open_stream(cl, "GET", base + "/sleeper/logs?follow=true")
+    try:
+        st, _h, r = call(cl, "DELETE", base + "/sleeper?signal=SIGTERM")
+        assert st == 200, r
+        end = next((e, d) for e, d in sse(resp) if e in ("exit", "error"))
+        assert end == ("exit", {"exit_code": None, "signal": 15,
+                                "running": False}), end
+    finally:
+        c.close()
     wait_for(lambda: call(cl, "GET", base + "/sleeper")[2]["running"] is
              False, 15, "the signalled process to end")
     st, _h, r = call(cl, "GET", base + "/sleeper")
