@@ -33,6 +33,7 @@ MIB = 1 << 20
 OVERHEAD_MB = 256       # the agent's default memory_overhead
 Q1 = dict(sandbox="q1", cpus=2, memory_mb=384, disk_mb=64)
 EA = dict(sandbox="ea", cpus=1, memory_mb=192, disk_mb=32, egress="all")
+AL = dict(sandbox="al", cpus=1, memory_mb=128, disk_mb=16, egress="allow")
 BOOT_S = 240            # TCG on a loaded 2-core host
 
 
@@ -393,8 +394,9 @@ def create_all(agent, specs, timeout=BOOT_S):
 
 
 @pytest.fixture(scope="module")
-def vms(agent):
-    replies = create_all(agent, [Q1, EA])
+def vms(agent, web):
+    al = dict(AL, allow=["localhost:%d" % web])
+    replies = create_all(agent, [Q1, EA, al])
     for r in replies:
         assert r["t"] == "OK" and r["state"] == "running", \
             (r, agent.log()[-4000:])
@@ -589,9 +591,19 @@ def test_qemu_is_hardened(agent, vms):
 
 
 FETCH = "timeout 20 wget -q -O - http://10.0.2.2:%d/egress; echo rc=$?"
+PROXIED = ("http_proxy=http://10.0.2.100:3128 timeout 20 wget -q -O - "
+           "http://%s:%d/egress; echo rc=$?")
+
+
+def network_up(agent, sb):
+    # The guest configures eth0 just after its agent says hello.
+    wait_for(lambda: "10.0.2.0/24" in agent.sh(sb, "ip route")["stdout"],
+             30, "%s: guest network" % sb)
 
 
 def test_egress_none_blocks_and_all_allows(agent, vms, web):
+    for sb in ("q1", "ea"):
+        network_up(agent, sb)
     before = Counter.hits
     r = agent.sh("q1", FETCH % web)
     assert "egress-ok" not in r["stdout"] and "rc=0" not in r["stdout"], r
@@ -599,6 +611,22 @@ def test_egress_none_blocks_and_all_allows(agent, vms, web):
     r = agent.sh("ea", FETCH % web)
     assert "egress-ok" in r["stdout"] and "rc=0" in r["stdout"], r
     assert Counter.hits == before + 1
+
+
+def test_egress_allow_goes_through_the_proxy_only(agent, vms, web):
+    network_up(agent, "al")
+    before = Counter.hits
+    r = agent.sh("al", FETCH % web)             # no direct way out
+    assert "rc=0" not in r["stdout"], r
+    r = agent.sh("al", PROXIED % ("localhost", web))
+    assert "egress-ok" in r["stdout"] and "rc=0" in r["stdout"], r
+    r = agent.sh("al", PROXIED % ("127.0.0.1", web))  # not on the list
+    assert "rc=0" not in r["stdout"], r
+    # A refusal leaves the proxy stream usable for the next request.
+    r = agent.sh("al", PROXIED % ("localhost", web))
+    assert "egress-ok" in r["stdout"] and "rc=0" in r["stdout"], r
+    assert Counter.hits == before + 2
+    assert agent.ok("AGENT_INFO")["egress_denied"] >= 1
 
 
 def test_exposed_port_reachable_from_the_host(agent, vms):
@@ -749,10 +777,10 @@ def test_eight_concurrent_creates_then_a_killed_qemu(agent, vms):
     assert len(before) - len(os.listdir(os.path.join(agent.data, "vm"))) \
         == 8
     listed = [s["sandbox"] for s in agent.ok("SANDBOX_LIST")["sandboxes"]]
-    assert sorted(listed) == ["ea", "q1"]
+    assert sorted(listed) == ["al", "ea", "q1"]
 
 
-def test_agent_restart_readopts_running_vms(agent, vms):
+def test_agent_restart_readopts_running_vms(agent, vms, web):
     agent.sh("q1", "echo kept > /workspace/keep.txt; sync")
     q1 = agent.status("q1")
     ea = agent.status("ea")
@@ -778,6 +806,10 @@ def test_agent_restart_readopts_running_vms(agent, vms):
     p = agent.ok("PROC_GET", sandbox="q1", proc="sleeper")
     p = p["proc"] if isinstance(p.get("proc"), dict) else p
     assert p["running"] is True
+    # The egress proxy's chardev reconnects to the new agent.
+    r = wait_for(lambda: (lambda r: r if "egress-ok" in r["stdout"] else
+                          None)(agent.sh("al", PROXIED % ("localhost", web))),
+                 30, "proxy after the restart")
     assert agent.status("q1")["ports"] == q1["ports"]
     # SIGKILL (an agent crash) is no different; this time the data disk
     # is "full" (the reserve covers it), so a create is refused.
@@ -819,7 +851,8 @@ def test_session_with_a_leader(agent, vms, pki):
         assert reg["cpus"] > 0 and reg["memory_mb"] > 0
         assert reg["disk_mb"] > 0
         states = {s["sandbox"]: s["state"] for s in reg["sandboxes"]}
-        assert states == {"q1": "running", "ea": "running"}
+        assert states == {"q1": "running", "ea": "running",
+                          "al": "running"}
         w.send(frame(OK, reg["id"], heartbeat_ms=100))
         for _ in range(2):
             hb = w.recv_until(lambda m: m["t"] == NODE_HEARTBEAT)
