@@ -488,6 +488,18 @@ fnv(uint64_t h, const void *p, size_t n)
     return h;
 }
 
+/* Integers are hashed as 8 little-endian bytes, so the digest stored in
+ * the replicated state is the same on every architecture. */
+static uint64_t
+fnv_u64(uint64_t h, uint64_t v)
+{
+    unsigned char b[8];
+
+    for (int i = 0; i < 8; i++)
+        b[i] = (unsigned char)(v >> (8 * i));
+    return fnv(h, b, sizeof(b));
+}
+
 static int
 kv_cmp(const void *a, const void *b)
 {
@@ -502,10 +514,12 @@ kv_digest(uint64_t h, const struct fsm_kv *kv, size_t n)
 {
     const struct fsm_kv *sorted[FSM_KV_MAX];
 
-    for (size_t i = 0; i < n && i < FSM_KV_MAX; i++)
+    if (n > FSM_KV_MAX) /* the decoder refuses more; never overrun */
+        n = FSM_KV_MAX;
+    for (size_t i = 0; i < n; i++)
         sorted[i] = &kv[i];
     qsort(sorted, n, sizeof(sorted[0]), kv_cmp);
-    h = fnv(h, &n, sizeof(n));
+    h = fnv_u64(h, n);
     for (size_t i = 0; i < n; i++) {
         h = fnv(h, sorted[i]->key, strlen(sorted[i]->key) + 1);
         h = fnv(h, sorted[i]->value, strlen(sorted[i]->value) + 1);
@@ -517,9 +531,10 @@ static int64_t
 spec_digest(const struct fsm_spec *s)
 {
     uint64_t h = 14695981039346656037ull;
-    uint64_t nums[3] = {s->cpus, s->memory_mb, s->disk_mb};
 
-    h = fnv(h, nums, sizeof(nums));
+    h = fnv_u64(h, s->cpus);
+    h = fnv_u64(h, s->memory_mb);
+    h = fnv_u64(h, s->disk_mb);
     h = fnv(h, s->egress, strlen(s->egress) + 1);
     h = kv_digest(h, s->env, s->n_env);
     h = kv_digest(h, s->labels, s->n_labels);

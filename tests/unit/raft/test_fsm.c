@@ -1019,6 +1019,29 @@ test_malformed_entry(void **state)
     free(after);
 }
 
+/*
+ * The spec digest is part of the replicated state (and of snapshots that
+ * members exchange): it must not change between builds or architectures.
+ * A change here breaks idempotent creates of sandboxes made before it.
+ */
+static void
+test_spec_digest_is_stable(void **state)
+{
+    struct fsm *f = *state;
+    struct fsm_cmd c;
+    char *d;
+
+    reg(f, "n1", 8, 8192, 8192);
+    mk_place(&c, "golden", "acme", "n1", 2, 1024, 2048);
+    c.u.place.spec.env = kv1("K", "V");
+    c.u.place.spec.n_env = 1;
+    assert_int_equal(ap_code(f, &c), 0);
+    d = dump(f);
+    assert_non_null(strstr(d, "golden|acme|2|1024|2048|none|"
+                              "2728321179671093489|n1|"));
+    free(d);
+}
+
 /* ---- Determinism and snapshots ----------------------------------------- */
 
 /* A small deterministic generator, so a failure replays. */
@@ -1401,6 +1424,7 @@ main(void)
         T(test_keys),
         T(test_dedup),
         T(test_malformed_entry),
+        T(test_spec_digest_is_stable),
         T(test_determinism),
         T(test_snapshot_restore),
         T(test_raft_callbacks),
