@@ -803,10 +803,14 @@ link_msg(struct pd_conn *c, const struct pd_msg *m)
     }
     {
         char code[32] = "", msg[256] = "";
+        int64_t eno = 0;
 
         pd_msg_cstr(m, "code", code, sizeof(code));
         pd_msg_cstr(m, "message", msg, sizeof(msg));
-        if (strcmp(code, "EREMOTE") == 0 || strcmp(code, "ESHUTDOWN") == 0) {
+        pd_msg_i64(m, "errno", &eno);
+        /* Not (or no longer) the leader, or going away: try again on the
+         * leader of the moment. */
+        if (eno == EREMOTE || eno == ESHUTDOWN) {
             requeue(q, msg);
             return;
         }

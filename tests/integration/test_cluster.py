@@ -11,6 +11,7 @@ first is in flight) and removing it; and a full stop and restart of every
 scheduler, after snapshots, preserving every row.
 """
 import concurrent.futures
+import errno
 import glob
 import json
 import os
@@ -325,6 +326,180 @@ def test_sigterm_hands_leadership_over(lc):
     wait_for(lambda: (lc.health(old) or {}).get("state") == "follower", 30,
              "%s back" % old)
     assert new in rest and took < 5, took
+
+
+# ---- FORWARD frames on the wire ----------------------------------------------
+
+
+def mp_pack(v):
+    """Just enough msgpack for FORWARD frames."""
+    import struct
+    if isinstance(v, bool):
+        return b"\xc3" if v else b"\xc2"
+    if isinstance(v, int):
+        if 0 <= v < 128:
+            return bytes([v])
+        return b"\xcf" + struct.pack(">Q", v)
+    if isinstance(v, str):
+        b = v.encode()
+        if len(b) < 32:
+            return bytes([0xa0 | len(b)]) + b
+        return b"\xda" + struct.pack(">H", len(b)) + b
+    if isinstance(v, bytes):
+        return b"\xc5" + struct.pack(">H", len(v)) + v
+    if isinstance(v, (list, tuple)):
+        return (bytes([0x90 | len(v)]) if len(v) < 16 else
+                b"\xdc" + struct.pack(">H", len(v))) + b"".join(
+                    mp_pack(x) for x in v)
+    if isinstance(v, dict):
+        return bytes([0x80 | len(v)]) + b"".join(
+            mp_pack(k) + mp_pack(x) for k, x in v.items())
+    raise TypeError(v)
+
+
+def mp_unpack(b, i=0):
+    import struct
+    c = b[i]
+    if c < 0x80:
+        return c, i + 1
+    if 0x80 <= c <= 0x8f or c in (0xde, 0xdf):
+        if c <= 0x8f:
+            n, i = c & 0x0f, i + 1
+        elif c == 0xde:
+            n, i = struct.unpack(">H", b[i + 1:i + 3])[0], i + 3
+        else:
+            n, i = struct.unpack(">I", b[i + 1:i + 5])[0], i + 5
+        d = {}
+        for _ in range(n):
+            k, i = mp_unpack(b, i)
+            d[k], i = mp_unpack(b, i)
+        return d, i
+    if 0x90 <= c <= 0x9f or c in (0xdc, 0xdd):
+        if c <= 0x9f:
+            n, i = c & 0x0f, i + 1
+        elif c == 0xdc:
+            n, i = struct.unpack(">H", b[i + 1:i + 3])[0], i + 3
+        else:
+            n, i = struct.unpack(">I", b[i + 1:i + 5])[0], i + 5
+        a = []
+        for _ in range(n):
+            x, i = mp_unpack(b, i)
+            a.append(x)
+        return a, i
+    if 0xa0 <= c <= 0xbf:
+        n = c & 0x1f
+        return b[i + 1:i + 1 + n].decode(), i + 1 + n
+    if c in (0xd9, 0xda, 0xdb, 0xc4, 0xc5, 0xc6):
+        w = {0xd9: 1, 0xda: 2, 0xdb: 4, 0xc4: 1, 0xc5: 2, 0xc6: 4}[c]
+        n = int.from_bytes(b[i + 1:i + 1 + w], "big")
+        raw = b[i + 1 + w:i + 1 + w + n]
+        return (raw.decode() if c >= 0xd9 else raw), i + 1 + w + n
+    if c in (0xcc, 0xcd, 0xce, 0xcf):
+        w = {0xcc: 1, 0xcd: 2, 0xce: 4, 0xcf: 8}[c]
+        return int.from_bytes(b[i + 1:i + 1 + w], "big"), i + 1 + w
+    if c in (0xd0, 0xd1, 0xd2, 0xd3):
+        w = {0xd0: 1, 0xd1: 2, 0xd2: 4, 0xd3: 8}[c]
+        return int.from_bytes(b[i + 1:i + 1 + w], "big", signed=True), \
+            i + 1 + w
+    if c >= 0xe0:
+        return c - 256, i + 1
+    if c == 0xc0:
+        return None, i + 1
+    if c in (0xc2, 0xc3):
+        return c == 0xc3, i + 1
+    raise ValueError("msgpack type 0x%x" % c)
+
+
+class RpcPeer:
+    """A scheduler's mutual-TLS link to another scheduler's RPC port."""
+
+    def __init__(self, lc, member, cert="scheduler-1"):
+        import socket
+        import ssl
+        pki = os.path.join(lc.dir, "pki")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.load_verify_locations(os.path.join(pki, "ca.pem"))
+        ctx.load_cert_chain(os.path.join(pki, cert + ".pem"),
+                            os.path.join(pki, cert + ".key"))
+        port = lc.conf()["members"][member]["rpc"]
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.s = ctx.wrap_socket(raw)
+        self.send({"t": 1, "id": 0, "v": 1, "role": "scheduler",
+                   "name": "test"})
+        assert self.recv()["t"] == 1
+
+    def send(self, m):
+        import struct
+        body = mp_pack(m)
+        self.s.sendall(struct.pack(">I", len(body)) + body)
+
+    def recv(self):
+        import struct
+        hdr = self._read(4)
+        n = struct.unpack(">I", hdr)[0]
+        return mp_unpack(self._read(n))[0]
+
+    def _read(self, n):
+        out = b""
+        while len(out) < n:
+            chunk = self.s.recv(n - len(out))
+            assert chunk, "connection closed"
+            out += chunk
+        return out
+
+    def forward(self, rid, **fields):
+        m = {"t": 400, "id": rid}
+        m.update(fields)
+        self.send(m)
+        while True:
+            r = self.recv()
+            if r.get("id") == rid:
+                return r
+
+
+def test_forward_frames_are_checked(lc):
+    peer = RpcPeer(lc, lc.leader())
+    try:
+        h = [["Host", "x"], ["Authorization", "Bearer " + lc.token]]
+        bad = [
+            dict(path="/v1/health", headers=h, body=b""),
+            dict(method="GET", path="v1/health", headers=h, body=b""),
+            dict(method="GET /x HTTP/1.1\r\n", path="/", headers=h),
+            dict(method="GET", path="/v1/health", headers="nope"),
+            dict(method="GET", path="/v1/health",
+                 headers=[["Host", "x\r\nX-Paddock-Internal: member"]]),
+            dict(method="GET", path="/v1/health", headers=[["Host"]]),
+            dict(method="GET", path="/v1/health", headers=h, body=7),
+        ]
+        for i, f in enumerate(bad, 1):
+            r = peer.forward(i, **f)
+            assert r["t"] == 3 and r["code"] == "EPROTO", (f, r)
+        # Well-formed ones run like any request, auth included.
+        r = peer.forward(50, method="GET", path="/v1/cluster", headers=h,
+                         body=b"")
+        assert r["t"] == 2 and r["status"] == 200, r
+        assert json.loads(r["body"])["leader"] > 0
+        r = peer.forward(51, method="GET", path="/v1/cluster",
+                         headers=[["Host", "x"]], body=b"")
+        assert r["t"] == 2 and r["status"] == 401, r
+        # The internal marker is honoured only for its own route.
+        r = peer.forward(52, method="PUT", path="/v1/cluster/members/77",
+                         headers=[["Host", "x"],
+                                  ["X-Paddock-Internal", "member"]],
+                         body=b"{}")
+        assert r["t"] == 2 and r["status"] == 404, r
+    finally:
+        peer.s.close()
+    # A follower refuses to run a FORWARD: it is not the leader.
+    peer = RpcPeer(lc, lc.followers()[0])
+    try:
+        r = peer.forward(1, method="GET", path="/v1/health",
+                         headers=[["Host", "x"]], body=b"")
+        assert r["t"] == 3 and r["errno"] == errno.EREMOTE, r
+    finally:
+        peer.s.close()
+    assert lc.health(lc.leader()) is not None
 
 
 # ---- leader failure ---------------------------------------------------------
