@@ -261,15 +261,36 @@ static int fsm_raft_snapshot(struct raft_fsm *rfsm,
                              struct raft_buffer *bufs[], unsigned *n_bufs);
 static int fsm_raft_restore(struct raft_fsm *rfsm, struct raft_buffer *buf);
 
+/*
+ * An empty in-memory connection. Defensive mode and an untrusted schema
+ * mean a database that came from elsewhere (a snapshot) cannot rewrite
+ * its own schema or run functions from it; fsm_restore_bytes also
+ * compares the schema with ours.
+ */
+static int
+db_open(sqlite3 **out)
+{
+    sqlite3 *db = NULL;
+
+    if (sqlite3_open_v2(":memory:", &db,
+                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
+                            SQLITE_OPEN_NOMUTEX,
+                        NULL) != SQLITE_OK) {
+        sqlite3_close(db);
+        return -ENOMEM;
+    }
+    sqlite3_db_config(db, SQLITE_DBCONFIG_DEFENSIVE, 1, NULL);
+    sqlite3_db_config(db, SQLITE_DBCONFIG_TRUSTED_SCHEMA, 0, NULL);
+    *out = db;
+    return 0;
+}
+
 static int
 open_db(struct fsm *f)
 {
     char *msg = NULL;
 
-    if (sqlite3_open_v2(":memory:", &f->db,
-                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
-                            SQLITE_OPEN_NOMUTEX,
-                        NULL) != SQLITE_OK) {
+    if (db_open(&f->db) != 0) {
         snprintf(f->err, sizeof(f->err), "sqlite: cannot open a database");
         return -ENOMEM;
     }
@@ -1466,8 +1487,63 @@ fsm_snapshot_bytes(struct fsm *f, void **out, size_t *out_len)
     return snapshot_alloc(f, malloc, out, out_len);
 }
 
+/* Every schema object (tables, indexes, and any trigger or view) as
+ * text, in a fixed order; malloc'd, NULL when it cannot be read. */
+static char *
+schema_text(sqlite3 *db)
+{
+    sqlite3_stmt *st = NULL;
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *fp;
+    int rc = SQLITE_ERROR;
+
+    fp = open_memstream(&buf, &len);
+    if (fp == NULL)
+        return NULL;
+    if (sqlite3_prepare_v2(db, "SELECT type, name, tbl_name, sql FROM"
+                           " sqlite_master ORDER BY type, name", -1, &st,
+                           NULL) == SQLITE_OK) {
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+            for (int c = 0; c < 4; c++) {
+                const unsigned char *v = sqlite3_column_text(st, c);
+
+                fprintf(fp, "%s|", v != NULL ? (const char *)v : "");
+            }
+            fputc('\n', fp);
+        }
+    }
+    sqlite3_finalize(st);
+    if (fclose(fp) != 0 || rc != SQLITE_DONE) {
+        free(buf);
+        return NULL;
+    }
+    return buf;
+}
+
+/* True when db has exactly the schema fsm_new creates. */
+static bool
+schema_is_ours(sqlite3 *db)
+{
+    sqlite3 *ref = NULL;
+    char *mine = NULL, *theirs = schema_text(db);
+    bool same = false;
+
+    if (theirs != NULL && db_open(&ref) == 0 &&
+        sqlite3_exec(ref, schema_sql, NULL, NULL, NULL) == SQLITE_OK &&
+        (mine = schema_text(ref)) != NULL)
+        same = strcmp(mine, theirs) == 0;
+    sqlite3_close(ref);
+    free(mine);
+    free(theirs);
+    return same;
+}
+
 /* True when db looks like a database this FSM wrote: sqlite accepts it
- * as a whole and its schema version is ours. */
+ * as a whole, and its schema and schema version are ours. A snapshot
+ * comes from the leader over the Raft transport; anything else in it (a
+ * trigger that would run on our writes, a view in a table's place) is
+ * refused. */
 static bool
 snapshot_db_ok(sqlite3 *db, char *err, size_t errlen)
 {
@@ -1486,6 +1562,10 @@ snapshot_db_ok(sqlite3 *db, char *err, size_t errlen)
         return false;
     }
     sqlite3_finalize(st);
+    if (!schema_is_ours(db)) {
+        snprintf(err, errlen, "snapshot database has another schema");
+        return false;
+    }
     if (sqlite3_prepare_v2(db, "SELECT value FROM meta WHERE key = "
                            "'schema'", -1, &st, NULL) == SQLITE_OK &&
         sqlite3_step(st) == SQLITE_ROW &&
@@ -1523,11 +1603,7 @@ fsm_restore_bytes(struct fsm *f, const void *buf, size_t len)
                  "match its %zu bytes", (unsigned long long)size, len);
         return -EINVAL;
     }
-    if (sqlite3_open_v2(":memory:", &db,
-                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
-                            SQLITE_OPEN_NOMUTEX,
-                        NULL) != SQLITE_OK) {
-        sqlite3_close(db);
+    if (db_open(&db) != 0) {
         snprintf(f->err, sizeof(f->err), "sqlite: cannot open a database");
         return -ENOMEM;
     }

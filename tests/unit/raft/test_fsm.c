@@ -15,6 +15,7 @@
 
 #include <cmocka.h>
 #include <raft.h>
+#include <sqlite3.h>
 
 #include "helpers.h"
 
@@ -1229,6 +1230,76 @@ test_snapshot_restore(void **state)
     free_log(log, 500);
 }
 
+/* A snapshot of f with sql run on its database: what a forged or
+ * tampered snapshot would look like. */
+static unsigned char *
+tampered_snapshot(struct fsm *f, const char *sql, size_t *len)
+{
+    sqlite3_int64 size = 0;
+    unsigned char *snap, *db, *out, *copy;
+    sqlite3 *conn;
+    size_t n;
+
+    assert_int_equal(fsm_snapshot_bytes(f, (void **)&snap, &n), 0);
+    assert_int_equal(sqlite3_open(":memory:", &conn), SQLITE_OK);
+    copy = sqlite3_malloc64(n - 16);
+    memcpy(copy, snap + 16, n - 16);
+    assert_int_equal(sqlite3_deserialize(conn, "main", copy, n - 16, n - 16,
+                                         SQLITE_DESERIALIZE_FREEONCLOSE |
+                                             SQLITE_DESERIALIZE_RESIZEABLE),
+                     SQLITE_OK);
+    assert_int_equal(sqlite3_exec(conn, sql, NULL, NULL, NULL), SQLITE_OK);
+    db = sqlite3_serialize(conn, "main", &size, 0);
+    assert_non_null(db);
+    out = malloc(16 + (size_t)size);
+    memcpy(out, FSM_SNAPSHOT_MAGIC, 8);
+    for (int i = 0; i < 8; i++)
+        out[8 + i] = (unsigned char)((uint64_t)size >> (56 - 8 * i));
+    memcpy(out + 16, db, (size_t)size);
+    sqlite3_free(db);
+    sqlite3_close(conn);
+    free(snap);
+    *len = 16 + (size_t)size;
+    return out;
+}
+
+/* A snapshot whose schema is not exactly ours is refused: a trigger in
+ * it would run on every member's writes. */
+static void
+test_snapshot_schema_checked(void **state)
+{
+    static const char *const sql[] = {
+        "CREATE TRIGGER t AFTER INSERT ON sandboxes BEGIN"
+        " DELETE FROM tokens; END;",
+        "CREATE TABLE extra (x INTEGER);",
+        "DROP INDEX tokens_tenant;",
+        "UPDATE meta SET value = '2' WHERE key = 'schema';",
+    };
+    struct fsm *f = *state, *g = fsm_open();
+    unsigned char *snap;
+    char *before, *after;
+    size_t len;
+
+    reg(f, "n1", 1, 1, 1);
+    before = dump(g);
+    for (size_t i = 0; i < PD_ARRAY_SIZE(sql); i++) {
+        snap = tampered_snapshot(f, sql[i], &len);
+        assert_int_equal(fsm_restore_bytes(g, snap, len), -EINVAL);
+        free(snap);
+    }
+    after = dump(g);
+    assert_string_equal(before, after);
+
+    /* The untampered snapshot, through the same path, is fine. */
+    snap = tampered_snapshot(f, "SELECT 1;", &len);
+    assert_int_equal(fsm_restore_bytes(g, snap, len), 0);
+    assert_non_null(cap_of(g, "n1"));
+    free(snap);
+    free(before);
+    free(after);
+    fsm_free(g);
+}
+
 /* The raft_fsm callbacks that raft itself calls. */
 static void
 test_raft_callbacks(void **state)
@@ -1427,6 +1498,7 @@ main(void)
         T(test_spec_digest_is_stable),
         T(test_determinism),
         T(test_snapshot_restore),
+        T(test_snapshot_schema_checked),
         T(test_raft_callbacks),
         T(test_sandbox_list),
         T(test_reserve),
