@@ -25,6 +25,7 @@ Cluster) and one sandbox running busybox httpd on port 8080, then:
 Everything it starts is stopped at the end.
 """
 import argparse
+import datetime
 import http.client
 import json
 import os
@@ -72,10 +73,25 @@ class Poller:
         return 0
 
 
+def agent_revoked_at(agent, jti, timeout=2.0):
+    """Wall time (s) of the agent's "token JTI revoked" log line, or None."""
+    needle = "token %s revoked" % jti
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in agent["proc"].log().splitlines():
+            if needle in line:
+                ts = line.split(" ", 1)[0]          # 2026-12-04T05:02:17.959Z
+                return datetime.datetime.strptime(
+                    ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+                        tzinfo=datetime.timezone.utc).timestamp()
+        time.sleep(0.01)
+    return None
+
+
 def bench_revocation(c, rounds):
     pollers = [Poller(s["api"]) for s in c.sched]
     fol = c.follower()
-    total, call = [], []
+    total, call, agents = [], [], []
     for _ in range(rounds):
         st, _h, body = c.api("POST", "/v1/tokens",
                              {"tenant": "bench", "ttl_s": 600})
@@ -98,6 +114,7 @@ def bench_revocation(c, rounds):
         for t in ts:
             t.start()
         t0 = time.monotonic()
+        w0 = time.time()
         start.set()
         st, _h, body = c.api("DELETE", "/v1/tokens/" + jti, at=fol)
         t1 = time.monotonic()
@@ -106,11 +123,23 @@ def bench_revocation(c, rounds):
             t.join(10)
         total.append(max(done) - t0)
         call.append(t1 - t0)
+        if agents is not None:
+            at = [agent_revoked_at(a, jti) for a in c.agents]
+            if None in at:
+                agents = None    # this agent build does not log them
+            else:
+                agents.append(max(at) - w0)
     print("revocation propagation over %d rounds (3 schedulers):" % rounds)
     print("  revoke to every scheduler refusing: p50 %s  p99 %s  max %s" % (
         ms(pct(total, 50)), ms(pct(total, 99)), ms(max(total))))
     print("  the revoke call itself (follower -> leader -> commit): "
           "p50 %s  p99 %s" % (ms(pct(call, 50)), ms(pct(call, 99))))
+    if agents:
+        print("  revoke to every agent's egress proxy refusing (from its "
+              "log, 1 ms resolution): p50 %s  p99 %s" % (
+                  ms(pct(agents, 50)), ms(pct(agents, 99))))
+    else:
+        print("  agents: this agent build does not report revocations")
 
 
 def get(addr, host, path):
