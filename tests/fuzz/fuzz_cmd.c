@@ -10,8 +10,10 @@
  *
  * On a successful decode the command is encoded again: that must succeed
  * and decode to the same bytes (the codec is a bijection on what it
- * accepts), and the entry is applied to a long-lived FSM that is replaced
- * every RESET_EVERY inputs to bound its memory.
+ * accepts). The entry is then applied to two long-lived FSMs, replaced
+ * every RESET_EVERY inputs to bound their memory: after each command the
+ * capacity index must mirror the nodes table, and the two FSMs must give
+ * the same result and, checked every 64 inputs, the same dump.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -23,7 +25,8 @@
 
 #define RESET_EVERY 2000
 
-static struct fsm *fsm;
+/* Two FSMs fed the same entries: they must stay equal (determinism). */
+static struct fsm *fsm, *mirror;
 static unsigned runs;
 
 static unsigned char *
@@ -64,20 +67,64 @@ check_round_trip(const struct fsm_cmd *c)
     fsm_cmd_free(&d);
 }
 
+/* The capacity index mirrors the nodes table after every command. */
+static void
+check_index(struct fsm *f)
+{
+    const struct fsm_node_index *idx = fsm_node_index(f);
+    struct fsm_node *v;
+    size_t n;
+
+    if (fsm_node_list(f, &v, &n) != 0 || n != idx->n)
+        abort();
+    for (size_t i = 0; i < n; i++) {
+        const struct fsm_node_cap *c = &idx->v[i];
+
+        if (strcmp(c->id, v[i].id) != 0 || c->cpus != v[i].cpus ||
+            c->alloc_cpus != v[i].alloc_cpus ||
+            c->alloc_memory_mb != v[i].alloc_memory_mb ||
+            c->alloc_disk_mb != v[i].alloc_disk_mb ||
+            c->ready != (v[i].state == FSM_NODE_READY) ||
+            c->draining != v[i].draining || c->labels == NULL)
+            abort();
+    }
+    fsm_nodes_free(v, n);
+}
+
+static void
+check_same(void)
+{
+    char *a, *b;
+
+    if (fsm_dump(fsm, &a) != 0 || fsm_dump(mirror, &b) != 0 ||
+        strcmp(a, b) != 0)
+        abort();
+    free(a);
+    free(b);
+}
+
 static void
 apply(const void *entry, size_t len)
 {
-    struct fsm_result res;
+    struct fsm_result res, res2;
     char err[256];
 
     if (fsm == NULL || ++runs % RESET_EVERY == 0) {
         fsm_free(fsm);
-        fsm = NULL;
-        if (fsm_new(&fsm, err, sizeof(err)) != 0)
+        fsm_free(mirror);
+        if (fsm_new(&fsm, err, sizeof(err)) != 0 ||
+            fsm_new(&mirror, err, sizeof(err)) != 0)
             abort();
     }
-    if (fsm_apply_buf(fsm, entry, len, &res) != 0)
-        abort(); /* only sqlite running out of memory may fail */
+    /* Only sqlite running out of memory may fail. */
+    if (fsm_apply_buf(fsm, entry, len, &res) != 0 ||
+        fsm_apply_buf(mirror, entry, len, &res2) != 0)
+        abort();
+    if (res.code != res2.code || strcmp(res.message, res2.message) != 0)
+        abort();
+    check_index(fsm);
+    if (runs % 64 == 0)
+        check_same();
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
