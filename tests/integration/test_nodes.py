@@ -30,8 +30,12 @@ def cluster(module_procs, module_workdir, guest_image):
                 guest=guest_image,
                 sched_args=["--rate_per_s", "1000", "--rate_burst", "1000"])
     c.guest = guest_image
+    # Node ids carry the cluster's suffix (conftest: cgroups are shared
+    # machine-wide); n2 is started by the first test, knowing a follower.
+    c.n1 = c.agents[0]["name"]
+    c.n2 = "n2" + c.n1[2:]
     subprocess.run([os.path.join(REPO, "deploy", "make-certs.sh"), c.pki,
-                    "agent", "n2"], check=True, capture_output=True)
+                    "agent", c.n2], check=True, capture_output=True)
     try:
         yield c
     finally:
@@ -92,14 +96,15 @@ def test_agent_on_a_follower_is_redirected_to_the_leader(cluster):
     fol = cluster.follower()
     # n2 knows only a follower: the redirect is what brings it to the
     # leader.
-    a = start_agent(cluster, "n2", [fol])
-    wait_for(lambda: nodes(cluster).get("n2", {}).get("state") == "ready",
+    n2 = cluster.n2
+    a = start_agent(cluster, n2, [fol])
+    wait_for(lambda: nodes(cluster).get(n2, {}).get("state") == "ready",
              60, "n2 registered")
     log = a["proc"].log()
     assert "is not the leader, following it to " + lead["rpc"] in log, log
     # Every scheduler sees the node (the registration is replicated).
     for s in cluster.sched:
-        wait_for(lambda: "n2" in nodes(cluster, at=s), 10,
+        wait_for(lambda: n2 in nodes(cluster, at=s), 10,
                  "n2 on scheduler %d" % s["id"])
 
 
@@ -128,7 +133,7 @@ def test_create_on_a_follower_runs_and_is_idempotent(cluster):
                                at=fol, timeout=180)
     assert st in (200, 201), body
     assert body["state"] == "running", body
-    assert body["node"] in ("n1", "n2")
+    assert body["node"] in (cluster.n1, cluster.n2)
     # Same id and spec: the same sandbox; another spec: a conflict.
     st, _h, again = cluster.api("POST", "/v1/sandboxes", spec, at=fol)
     assert st in (200, 201) and again["node"] == body["node"], again
@@ -138,7 +143,7 @@ def test_create_on_a_follower_runs_and_is_idempotent(cluster):
 
 
 def test_drain_keeps_sandboxes_and_refuses_new_ones(cluster):
-    for n in ("n1", "n2"):
+    for n in (cluster.n1, cluster.n2):
         st, _h, body = cluster.api("POST", "/v1/nodes/%s/drain" % n, {})
         assert st in (200, 202, 204), body
     wait_for(lambda: all(n["draining"] for n in nodes(cluster).values()),
@@ -148,7 +153,7 @@ def test_drain_keeps_sandboxes_and_refuses_new_ones(cluster):
     assert st == 409 and body["error"]["code"] == "no_capacity", body
     assert "draining" in body["error"]["message"], body
     assert sandbox(cluster, "sb-a")["state"] == "running"
-    for n in ("n1", "n2"):
+    for n in (cluster.n1, cluster.n2):
         st, _h, body = cluster.api("POST", "/v1/nodes/%s/drain" % n,
                                    {"drain": False})
         assert st in (200, 202, 204), body
@@ -239,7 +244,7 @@ def test_bad_input_on_the_rpc_port_is_refused(cluster):
             with ctx.wrap_socket(raw) as s:
                 s.sendall(b"\x00\x00\x00\x05hello")
                 s.recv(10)
-    assert nodes(cluster)["n2"]["state"] == "ready"
+    assert nodes(cluster)[cluster.n2]["state"] == "ready"
 
 
 def test_new_leader_keeps_nodes_up_and_takes_their_sessions(cluster):
@@ -263,6 +268,152 @@ def test_new_leader_keeps_nodes_up_and_takes_their_sessions(cluster):
         tail = a["proc"].log()[logs_before[a["name"]]:]
         assert "registered with leader " + new["rpc"] in tail, tail
     # Writes still work on the new leader (drain on and off).
-    st, _h, body = cluster.api("POST", "/v1/nodes/n2/drain",
+    st, _h, body = cluster.api("POST", "/v1/nodes/%s/drain" % cluster.n2,
                                {"drain": False}, at=rest[0])
     assert st in (200, 202, 204), body
+
+
+# ---- the RPC port's checks, spoken by hand ---------------------------------
+
+def mp_pack(v):
+    """Enough msgpack for the frames below: maps, str, int, bool, lists."""
+    import struct
+    if isinstance(v, bool):
+        return b"\xc3" if v else b"\xc2"
+    if isinstance(v, int):
+        return b"\xcf" + struct.pack(">Q", v)
+    if isinstance(v, str):
+        b = v.encode()
+        return b"\xd9" + bytes([len(b)]) + b
+    if isinstance(v, list):
+        return b"\xdc" + struct.pack(">H", len(v)) + \
+            b"".join(mp_pack(x) for x in v)
+    if isinstance(v, dict):
+        return b"\xde" + struct.pack(">H", len(v)) + b"".join(
+            mp_pack(k) + mp_pack(x) for k, x in v.items())
+    raise TypeError(v)
+
+
+def mp_unpack(b, i=0):
+    """Returns (value, next index) for the types the schedulers send."""
+    import struct
+    c = b[i]
+    if c <= 0x7f:
+        return c, i + 1
+    if 0x80 <= c <= 0x8f or c in (0xde, 0xdf):
+        n, i = (c & 0x0f, i + 1) if c <= 0x8f else \
+            (struct.unpack(">H", b[i + 1:i + 3])[0], i + 3) if c == 0xde \
+            else (struct.unpack(">I", b[i + 1:i + 5])[0], i + 5)
+        d = {}
+        for _ in range(n):
+            k, i = mp_unpack(b, i)
+            d[k], i = mp_unpack(b, i)
+        return d, i
+    if 0x90 <= c <= 0x9f:
+        out, i = [], i + 1
+        for _ in range(c & 0x0f):
+            x, i = mp_unpack(b, i)
+            out.append(x)
+        return out, i
+    if 0xa0 <= c <= 0xbf or c in (0xd9, 0xda):
+        n, i = (c & 0x1f, i + 1) if c <= 0xbf else \
+            (b[i + 1], i + 2) if c == 0xd9 else \
+            (struct.unpack(">H", b[i + 1:i + 3])[0], i + 3)
+        return b[i:i + n].decode(), i + n
+    if c in (0xc2, 0xc3):
+        return c == 0xc3, i + 1
+    if c == 0xc0:
+        return None, i + 1
+    sizes = {0xcc: 1, 0xcd: 2, 0xce: 4, 0xcf: 8, 0xd0: 1, 0xd1: 2, 0xd2: 4,
+             0xd3: 8}
+    if c in sizes:
+        n = sizes[c]
+        return int.from_bytes(b[i + 1:i + 1 + n], "big",
+                              signed=c >= 0xd0), i + 1 + n
+    if c >= 0xe0:
+        return c - 256, i + 1
+    raise ValueError("msgpack type 0x%02x" % c)
+
+
+class RpcClient:
+    def __init__(self, c, addr, cert):
+        import socket
+        import ssl
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.load_verify_locations(os.path.join(c.pki, "ca.pem"))
+        ctx.load_cert_chain(os.path.join(c.pki, cert + ".pem"),
+                            os.path.join(c.pki, cert + ".key"))
+        host, port = addr.rsplit(":", 1)
+        raw = socket.create_connection((host, int(port)), timeout=10)
+        self.s = ctx.wrap_socket(raw)
+        self.buf = b""
+
+    def send(self, frame):
+        body = mp_pack(frame)
+        self.s.sendall(len(body).to_bytes(4, "big") + body)
+
+    def recv(self):
+        """The next frame, or None once the scheduler closed."""
+        while True:
+            if len(self.buf) >= 4:
+                n = int.from_bytes(self.buf[:4], "big")
+                if len(self.buf) >= 4 + n:
+                    v, _ = mp_unpack(self.buf[4:4 + n])
+                    self.buf = self.buf[4 + n:]
+                    return v
+            try:
+                chunk = self.s.recv(65536)
+            except OSError:
+                return None
+            if not chunk:
+                return None
+            self.buf += chunk
+
+    def close(self):
+        self.s.close()
+
+
+def register_frame(node, **kw):
+    f = {"t": 300, "id": 7, "node": node, "rpc_addr": "127.0.0.1:1",
+         "cpus": 1, "memory_mb": 64, "disk_mb": 64, "labels": {},
+         "sandboxes": []}
+    f.update(kw)
+    return f
+
+
+def test_rpc_peer_must_be_who_its_certificate_says(cluster):
+    lead = cluster.leader()
+    # An agent certificate claiming the scheduler role is closed.
+    n1, n2 = cluster.n1, cluster.n2
+    cl = RpcClient(cluster, lead["rpc"], n1)
+    cl.send({"t": 1, "id": 0, "v": 1, "role": "scheduler", "name": "x"})
+    cl.send({"t": 400, "id": 1, "method": "GET", "path": "/v1/cluster"})
+    frames = []
+    while True:
+        f = cl.recv()
+        if f is None:
+            break
+        frames.append(f)
+    assert all(f["t"] == 1 for f in frames), frames  # only its HELLO
+    cl.close()
+
+    # An agent may register only the node its certificate names; bad
+    # fields get an ERROR and the session stays.
+    cl = RpcClient(cluster, lead["rpc"], n1)
+    cl.send({"t": 1, "id": 0, "v": 1, "role": "agent", "name": n1})
+    assert cl.recv()["t"] == 1
+    cl.send(register_frame(n2))
+    err = cl.recv()
+    assert err["t"] == 3 and "CN=%s may not register node %s" % (n1, n2) \
+        in err["message"], err
+    cl.send(register_frame("NOT VALID"))
+    err = cl.recv()
+    assert err["t"] == 3 and err["code"] == "EINVAL", err
+    cl.send(register_frame(n1, cpus=0))
+    err = cl.recv()
+    assert err["t"] == 3 and "cpus" in err["message"], err
+    cl.send({"t": 6, "id": 9})
+    assert cl.recv()["t"] == 7  # PONG: still served
+    cl.close()
+    assert nodes(cluster, at=lead)[n1]["state"] == "ready"
