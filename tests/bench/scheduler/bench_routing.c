@@ -4,7 +4,8 @@
  *   bench_routing --agent HOST:PORT --cert C --key K --ca CA --sandbox ID
  *                 [--api HOST:PORT --token T] [--n 200] [--warmup 10]
  *
- * In one run, execs `true` in the sandbox n times, one after another:
+ * In one run, execs `true` in the sandbox n times each way, alternating
+ * between the two so that both see the same machine load:
  *   direct  straight to the owning agent's RPC port over mutual TLS, with
  *           the scheduler's own client (scheduler/agentc.c) on one link;
  *   routed  POST /v1/sandboxes/ID/exec to the scheduler at --api (point it
@@ -112,7 +113,7 @@ direct_one(void)
 }
 
 static int
-bench_direct(uint64_t *us)
+direct_open(void)
 {
     char err[256];
 
@@ -124,19 +125,15 @@ bench_direct(uint64_t *us)
         fprintf(stderr, "bench_routing: tls: %s\n", err);
         return -1;
     }
-    sched_agentc_init(&S, err, sizeof(err));
-    for (unsigned i = 0; i < o.warmup + o.n; i++) {
-        uint64_t t0 = pd_now_ns();
+    return sched_agentc_init(&S, err, sizeof(err));
+}
 
-        if (direct_one() != 0)
-            return -1;
-        if (i >= o.warmup)
-            us[i - o.warmup] = (pd_now_ns() - t0) / 1000;
-    }
+static void
+direct_close(void)
+{
     sched_agentc_close(&S);
     uv_run(S.loop, UV_RUN_DEFAULT);
     SSL_CTX_free(S.rpc_client_tls);
-    return 0;
 }
 
 /* ---- routed: HTTP ----------------------------------------------------- */
@@ -211,27 +208,36 @@ routed_one(int fd)
     return 0;
 }
 
+/* Alternates one direct and one routed exec (routed only with --api). */
 static int
-bench_routed(uint64_t *us)
+bench(uint64_t *direct, uint64_t *routed)
 {
-    int fd = http_connect(o.api);
+    int fd = -1;
 
-    if (fd < 0) {
+    if (o.api != NULL && (fd = http_connect(o.api)) < 0) {
         fprintf(stderr, "bench_routing: cannot connect to %s\n", o.api);
         return -1;
     }
     for (unsigned i = 0; i < o.warmup + o.n; i++) {
-        uint64_t t0 = pd_now_ns();
+        uint64_t t0 = pd_now_ns(), t1;
 
-        if (routed_one(fd) != 0) {
-            close(fd);
-            return -1;
+        if (direct_one() != 0)
+            goto fail;
+        t1 = pd_now_ns();
+        if (fd >= 0 && routed_one(fd) != 0)
+            goto fail;
+        if (i >= o.warmup) {
+            direct[i - o.warmup] = (t1 - t0) / 1000;
+            routed[i - o.warmup] = (pd_now_ns() - t1) / 1000;
         }
-        if (i >= o.warmup)
-            us[i - o.warmup] = (pd_now_ns() - t0) / 1000;
     }
-    close(fd);
+    if (fd >= 0)
+        close(fd);
     return 0;
+fail:
+    if (fd >= 0)
+        close(fd);
+    return -1;
 }
 
 static int
@@ -277,12 +283,11 @@ main(int argc, char **argv)
     pd_log_init("bench_routing", PD_LOG_WARN);
     direct = calloc(o.n, sizeof(*direct));
     routed = calloc(o.n, sizeof(*routed));
-    if (bench_direct(direct) != 0)
+    if (direct_open() != 0 || bench(direct, routed) != 0)
         return 1;
+    direct_close();
     p50d = report("direct", direct, o.n);
     if (o.api != NULL) {
-        if (bench_routed(routed) != 0)
-            return 1;
         p50r = report("routed", routed, o.n);
         printf("routing overhead at p50: %.2f ms\n",
                ((double)p50r - (double)p50d) / 1000.0);

@@ -7,8 +7,9 @@ the owning agent, in the same run (prints figures; not a pass/fail test).
 
 Starts 3 schedulers and 1 agent on loopback (tests/integration/conftest.py's
 Cluster), creates one sandbox, then runs bench_routing (bench_routing.c):
-n sequential execs over the scheduler's own agent client (direct), then n
-through a follower's HTTP API on one keep-alive connection (routed).
+n sequential execs over the scheduler's own agent client (direct) and n
+through a follower's HTTP API on one keep-alive connection (routed),
+alternating so both see the same load.
 Everything it starts is stopped at the end.
 """
 import argparse
