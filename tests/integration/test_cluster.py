@@ -650,13 +650,16 @@ def rows(lc, at=None, consistent=True):
         "?consistent=true" if consistent else ""), at=at)
     st2, _h, nodes = api(lc, "GET", "/v1/nodes", at=at)
     st3, _h, toks = api(lc, "GET", "/v1/tokens", at=at)
-    assert st == 200 and st2 == 200, (sb, nodes)
+    st4, _h, cl = api(lc, "GET", "/v1/cluster", at=at)
+    assert st == 200 and st2 == 200 and st4 == 200, (sb, nodes, cl)
     keep = ("id", "tenant", "node", "cpus", "memory_mb", "disk_mb",
             "labels", "generation", "created_at")
     return ({s["id"]: {k: s.get(k) for k in keep} for s in sb["sandboxes"]},
             {n["id"]: (n["capacity"], n["draining"]) for n in nodes["nodes"]},
             sorted(t["jti"] for t in toks.get("tokens", []))
-            if st3 == 200 else None)
+            if st3 == 200 else None,
+            sorted((m["id"], m["raft_addr"], m["api_addr"], m["rpc_addr"])
+                   for m in cl["members"]))
 
 
 def test_snapshot_and_restart_preserve_every_row(lc):
