@@ -14,6 +14,8 @@ Starts 3 paddock-schedulers on loopback, then:
               followers forward to the leader). Prints placements per
               second, create latency p50/p99, and the leader's RSS growth
               per 10,000 sandboxes. Aim: above Nomad's published 3,750/s.
+              Baseline in the same run: plain one-command Raft writes
+              (POST /v1/nodes/sim-0000/drain) through the same clients.
 
   bench_placement_cluster [--nodes 1000] [--creates 100000]
       [--concurrency 64] [--wait] [--leader-only] [--rounds 5] [--skip-loss]
@@ -262,17 +264,31 @@ def placement(b, n_nodes, creates, conc, wait, leader_only):
                          if n["state"] == "ready" and
                          n["id"].startswith("sim-")) >= n_nodes,
              120, "every simulated node ready", interval=0.5)
+    apis = lead["api"] if leader_only else ",".join(s["api"]
+                                                    for s in b.sched)
+
+    def load(count, extra):
+        out = subprocess.run(
+            [b.binary("tests", "tools", "scheduler", "pd-simnodes"), "load",
+             "--api", apis, "--token", b.token, "--count", str(count),
+             "--concurrency", str(conc), "--timeout", "900"] + extra,
+            capture_output=True, text=True, timeout=960)
+        if out.returncode != 0 and not out.stdout:
+            dead = ["scheduler %d exited %s" % (s["id"], s["proc"].poll())
+                    for s in b.sched if s["proc"].poll() is not None]
+            raise SystemExit("bench: load failed: %s %s" %
+                             (out.stderr[-2000:], "; ".join(dead)))
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    # Baseline, same run, same clients and path: a write that is one Raft
+    # command and no placement (drain off on one node).
+    base = load(min(creates, 20000), ["--drain-node", "sim-0000"])
+    print("baseline: %d plain Raft writes (drain off) at %.0f/s, latency "
+          "p50 %.1f ms, p99 %.1f ms, %d errors" %
+          (base["count"], base["rate"], base["p50_ms"], base["p99_ms"],
+           base["errors"]), flush=True)
     before = rss_kb(lead["proc"].pid)
-    out = subprocess.run(
-        [b.binary("tests", "tools", "scheduler", "pd-simnodes"), "load",
-         "--api", lead["api"] if leader_only else
-         ",".join(s["api"] for s in b.sched), "--token", b.token,
-         "--count", str(creates), "--concurrency", str(conc),
-         "--timeout", "900"] + (["--wait"] if wait else []),
-        capture_output=True, text=True, timeout=960)
-    if out.returncode != 0 and not out.stdout:
-        raise SystemExit("bench: load failed: " + out.stderr[-2000:])
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = load(creates, ["--wait"] if wait else [])
     after = rss_kb(lead["proc"].pid)
     per10k = (after - before) / 1024.0 / max(1.0, r["ok"] / 10000.0)
     print("placement: %d creates (%s, %s), %d ok, %d errors in %.1f s" %

@@ -21,7 +21,9 @@
  *     over CONCURRENCY keep-alive connections spread over the API
  *     addresses, and prints one JSON line: count, ok, errors, seconds,
  *     rate (creates answered 2xx per second), p50/p99/max latency in ms,
- *     and the first error's body.
+ *     and the first error's body. With --drain-node NODE the requests
+ *     are POST /v1/nodes/NODE/drain {"drain": false} instead: one Raft
+ *     write each and no placement, the baseline of the same path.
  *
  * Everything runs on one libuv loop; runs are bounded by --timeout.
  */
@@ -504,9 +506,11 @@ struct client {
     size_t in_len, in_cap;
     uint64_t started_ns;
     bool busy, connected;
+    int failures;         /* connects failed in a row */
+    uv_timer_t again;
 };
 
-static const char *token, *prefix_load;
+static const char *token, *prefix_load, *drain_node;
 static uint64_t n_total, n_sent, n_done, n_ok, n_err;
 static uint32_t *lat_us;
 static char first_error[512];
@@ -532,13 +536,23 @@ client_send(struct client *cl)
     uv_buf_t b;
     int n;
 
-    snprintf(body, sizeof(body), "{\"id\": \"%s-%llu\", \"cpus\": 1, "
-             "\"memory_mb\": 64, \"disk_mb\": 16}", prefix_load,
-             (unsigned long long)n_sent);
-    n = asprintf(&req, "POST /v1/sandboxes%s HTTP/1.1\r\nHost: x\r\n"
-                 "Authorization: Bearer %s\r\nContent-Type: "
-                 "application/json\r\nContent-Length: %zu\r\n\r\n%s",
-                 wait_running ? "?wait=true" : "", token, strlen(body), body);
+    if (drain_node != NULL) {
+        /* The baseline: one Raft write per request, no placement. */
+        snprintf(body, sizeof(body), "{\"drain\": false}");
+        n = asprintf(&req, "POST /v1/nodes/%s/drain HTTP/1.1\r\nHost: x\r\n"
+                     "Authorization: Bearer %s\r\nContent-Type: "
+                     "application/json\r\nContent-Length: %zu\r\n\r\n%s",
+                     drain_node, token, strlen(body), body);
+    } else {
+        snprintf(body, sizeof(body), "{\"id\": \"%s-%llu\", \"cpus\": 1, "
+                 "\"memory_mb\": 64, \"disk_mb\": 16}", prefix_load,
+                 (unsigned long long)n_sent);
+        n = asprintf(&req, "POST /v1/sandboxes%s HTTP/1.1\r\nHost: x\r\n"
+                     "Authorization: Bearer %s\r\nContent-Type: "
+                     "application/json\r\nContent-Length: %zu\r\n\r\n%s",
+                     wait_running ? "?wait=true" : "", token, strlen(body),
+                     body);
+    }
     if (n < 0)
         return;
     n_sent++;
@@ -689,15 +703,36 @@ client_next(struct client *cl)
 }
 
 static void
+on_again(uv_timer_t *t)
+{
+    client_connect(t->data);
+}
+
+static void
+on_retry_closed(uv_handle_t *h)
+{
+    struct client *cl = h->data;
+
+    uv_timer_start(&cl->again, on_again, 100, 0);
+}
+
+static void
 on_client_connect(uv_connect_t *req, int status)
 {
     struct client *cl = req->data;
 
     free(req);
     if (status < 0) {
-        fprintf(stderr, "pd-simnodes: connect: %s\n", uv_strerror(status));
-        exit(1);
+        /* A busy listener may refuse for a moment: retry, bounded. */
+        if (++cl->failures > 50) {
+            fprintf(stderr, "pd-simnodes: connect: %s\n",
+                    uv_strerror(status));
+            exit(1);
+        }
+        uv_close((uv_handle_t *)&cl->tcp, on_retry_closed);
+        return;
     }
+    cl->failures = 0;
     cl->connected = true;
     uv_tcp_nodelay(&cl->tcp, 1);
     uv_read_start((uv_stream_t *)&cl->tcp, on_alloc, on_read);
@@ -752,6 +787,8 @@ run_load(const char *apis, size_t conc, uint64_t timeout_ms)
             fprintf(stderr, "pd-simnodes: bad --api %s\n", list[i % n]);
             return 2;
         }
+        uv_timer_init(loop, &cl->again);
+        cl->again.data = cl;
         client_connect(cl);
     }
     uv_timer_init(loop, &timer);
@@ -771,7 +808,8 @@ usage(void)
             "                   [--cpus N] [--memory-mb N] [--disk-mb N] "
             "[--rpc-listen H:P]\n"
             "       pd-simnodes load --api A,B --token T [--count N] "
-            "[--concurrency N] [--prefix P] [--wait] [--timeout S]\n");
+            "[--concurrency N] [--prefix P] [--wait] [--timeout S]\n"
+            "                   [--drain-node NODE]\n");
     exit(2);
 }
 
@@ -793,6 +831,7 @@ main(int argc, char **argv)
         {"concurrency", required_argument, NULL, 'j'},
         {"wait", no_argument, NULL, 'w'},
         {"timeout", required_argument, NULL, 'T'},
+        {"drain-node", required_argument, NULL, 'd'},
         {NULL, 0, NULL, 0},
     };
     const char *mode, *schedulers = NULL, *cert = NULL, *key = NULL;
@@ -820,6 +859,7 @@ main(int argc, char **argv)
         case 'j': pd_parse_u64(optarg, &conc); break;
         case 'w': wait_running = true; break;
         case 'T': pd_parse_u64(optarg, &timeout_s); break;
+        case 'd': drain_node = optarg; break;
         default: usage();
         }
     }
