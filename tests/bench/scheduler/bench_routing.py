@@ -14,6 +14,7 @@ Everything it starts is stopped at the end.
 """
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -59,9 +60,11 @@ def main():
                        timeout=600)
     except BaseException:
         print(procs.dump_logs(2000))
-        raise
-    finally:
         procs.stop_all()
+        print("bench_routing: logs kept in %s" % work)
+        raise
+    procs.stop_all()
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
