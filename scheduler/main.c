@@ -170,6 +170,19 @@ check_config(struct sched_cfg *c, char *err, size_t errlen)
     return 0;
 }
 
+/* pd_config_load returns 1 for --help as for --check-config; only the
+ * latter validates. */
+static bool
+asked_help(int argc, char **argv)
+{
+    int i;
+
+    for (i = 1; i < argc; i++)
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0)
+            return true;
+    return false;
+}
+
 static int
 setup_tls(struct sched *s, char *err, size_t errlen)
 {
@@ -285,6 +298,8 @@ main(int argc, char **argv)
     pd_log_init("paddock-scheduler", PD_LOG_INFO);
     set_defaults(&s->cfg);
     rv = pd_config_load(options, argc, argv, NULL, NULL, err, sizeof(err));
+    if (rv == 1 && asked_help(argc, argv))
+        return 0;
     if (rv == 0 || rv == 1) {
         int crv = check_config(&s->cfg, err, sizeof(err));
 
