@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "common/config.h"
 #include "common/log.h"
@@ -143,6 +144,21 @@ check_config(struct sched_cfg *c, char *err, size_t errlen)
                  "agents and schedulers needs all three "
                  "(deploy/make-certs.sh)");
         return -EINVAL;
+    }
+    {
+        const char *files[][2] = {
+            {"tls_cert", c->tls_cert}, {"tls_key", c->tls_key},
+            {"tls_ca", c->tls_ca}, {"api_tls_cert", c->api_tls_cert},
+            {"api_tls_key", c->api_tls_key},
+        };
+
+        for (i = 0; i < PD_ARRAY_SIZE(files); i++) {
+            if (*files[i][1] != '\0' && access(files[i][1], R_OK) != 0) {
+                snprintf(err, errlen, "%s: %s: %s", files[i][0],
+                         files[i][1], strerror(errno));
+                return -EINVAL;
+            }
+        }
     }
     if ((*c->api_tls_cert == '\0') != (*c->api_tls_key == '\0')) {
         snprintf(err, errlen, "api_tls_cert, api_tls_key: give both or "
