@@ -28,9 +28,9 @@
  * frame or a dropped connection: the link closes and every open request on
  * it ends with a negative errno and no frame. So does a link that stays
  * silent DEAD_MS while requests are open, despite PINGs (a frozen agent or
- * a host gone without a RST). Nothing is retried here,
- * since only the caller knows whether a request is safe to repeat; the next
- * request connects again.
+ * a host gone without a RST). Nothing is retried here, since only the
+ * caller knows whether a request is safe to repeat; the next request
+ * connects again. A link unused for IDLE_MS is closed quietly.
  */
 #include <errno.h>
 #include <stdio.h>
