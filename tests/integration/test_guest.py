@@ -425,3 +425,47 @@ def test_shutdown_syncs_and_powers_off(vm):
     dump = subprocess.run([shutil.which("dumpe2fs") or "/sbin/dumpe2fs",
                            "-h", disk], capture_output=True, timeout=30)
     assert b"Filesystem state:         clean" in dump.stdout, dump.stdout
+
+
+def test_reboot_keeps_the_workspace(vm, guest_image, module_procs):
+    # The same disk boots again: found as ext4, not formatted, data kept.
+    assert not vm["proc"].alive()
+    kernel, initrd = guest_image
+    os.unlink(os.path.join(vm["dir"], "ready"))
+    p = module_procs.start("vm1-again", [
+        binary("pd-guest"), "boot", "--kernel", kernel, "--initrd", initrd,
+        "--dir", vm["dir"], "--keep-disk", "--id", "sbx-test", "--mem", 256])
+    wait_for(lambda: os.path.exists(os.path.join(vm["dir"], "ready")), 180,
+             "the guest agent's HELLO after the reboot")
+    assert sh(vm, "cat /workspace/last.txt")["stdout"] == "synced\n"
+    con = open(os.path.join(vm["dir"], "console.log"),
+               errors="replace").read()
+    assert "formatted the blank workspace disk" not in con, con[-3000:]
+    assert one(vm, "shutdown") == {"t": 2, "id": 1}
+    wait_for(lambda: not p.alive(), 60, "QEMU to exit")
+
+
+def test_a_disk_holding_something_else_is_never_formatted(vm, guest_image,
+                                                          module_procs):
+    kernel, initrd = guest_image
+    disk = os.path.join(vm["dir"], "disk.img")
+    junk = os.urandom(64 << 10)
+    with open(disk, "r+b") as f:
+        f.write(junk)
+    os.unlink(os.path.join(vm["dir"], "ready"))
+    p = module_procs.start("vm1-junk", [
+        binary("pd-guest"), "boot", "--kernel", kernel, "--initrd", initrd,
+        "--dir", vm["dir"], "--keep-disk", "--id", "sbx-test", "--mem", 256])
+    wait_for(lambda: os.path.exists(os.path.join(vm["dir"], "ready")), 180,
+             "the guest agent's HELLO with a foreign disk")
+    con = open(os.path.join(vm["dir"], "console.log"),
+               errors="replace").read()
+    assert "holds data but no ext4 file system" in con, con[-3000:]
+    # The agent still serves, with /workspace in memory.
+    assert "/dev/vda" not in sh(vm, "mount")["stdout"]
+    assert sh(vm, "echo ok > /workspace/x && cat /workspace/x")[
+        "stdout"] == "ok\n"
+    assert one(vm, "shutdown") == {"t": 2, "id": 1}
+    wait_for(lambda: not p.alive(), 60, "QEMU to exit")
+    with open(disk, "rb") as f:
+        assert f.read(64 << 10) == junk

@@ -5,10 +5,12 @@
  *   pd-guest boot --kernel K --initrd I --dir D [--disk-mb N] [--mem MB]
  *                 [--cpus N] [--id ID] [--accel tcg|kvm|auto] [--net]
  *                 [--egress] [--fwd HOST:GUEST] [--guest-format]
- *                 [--extra ARG]... [--boot-timeout S]
+ *                 [--extra ARG]... [--boot-timeout S] [--keep-disk]
  *       Starts QEMU, waits for the agent's HELLO, writes D/ready (boot ms)
  *       and prints "ready MS", then supervises QEMU until it exits or
- *       pd-guest gets SIGTERM/SIGINT (QEMU is then killed).
+ *       pd-guest gets SIGTERM/SIGINT (QEMU is then killed). The disk is
+ *       D/disk.img, made anew with --disk-mb, or the existing one with
+ *       --keep-disk (a reboot of the same sandbox).
  *
  * Client commands connect to --sock PATH (or --dir D: D/guest.sock), run
  * one request and print its answer as one JSON line; an ERROR prints
@@ -994,7 +996,7 @@ boot(int argc, char **argv)
         {"id", 1, 0, 'I'}, {"accel", 1, 0, 'a'}, {"net", 0, 0, 'n'},
         {"egress", 0, 0, 'e'}, {"fwd", 1, 0, 'f'}, {"extra", 1, 0, 'x'},
         {"guest-format", 0, 0, 'g'}, {"boot-timeout", 1, 0, 't'},
-        {"append", 1, 0, 'A'}, {0, 0, 0, 0}};
+        {"append", 1, 0, 'A'}, {"keep-disk", 0, 0, 'K'}, {0, 0, 0, 0}};
     struct agent_qemu_spec s = {.sandbox_id = "pd-guest", .net = false};
     struct agent_qemu_fwd fwds[8];
     const char *extra[17] = {0};
@@ -1002,7 +1004,7 @@ boot(int argc, char **argv)
     char sock[512], disk[512], con[512], qmp[512], ready[512], err[512];
     char why[512];
     unsigned disk_mb = 0, boot_timeout = 120;
-    bool guest_format = false, accel_auto = false;
+    bool guest_format = false, accel_auto = false, keep_disk = false;
     int nextra = 0, c, status;
     char **qargv;
     uint64_t t0;
@@ -1035,6 +1037,7 @@ boot(int argc, char **argv)
                 extra[nextra++] = optarg;
             break;
         case 'g': guest_format = true; break;
+        case 'K': keep_disk = true; break;
         case 't': boot_timeout = (unsigned)atoi(optarg); break;
         case 'A': s.cmdline_extra = optarg; break;
         default: return 2;
@@ -1060,7 +1063,14 @@ boot(int argc, char **argv)
                          sizeof(why));
         fprintf(stderr, "pd-guest: accel %s\n", why);
     }
-    if (disk_mb > 0) {
+    if (keep_disk) {
+        if (access(disk, R_OK | W_OK) != 0) {
+            fprintf(stderr, "pd-guest: --keep-disk: %s: %s\n", disk,
+                    strerror(errno));
+            return 1;
+        }
+        s.disk_path = disk;
+    } else if (disk_mb > 0) {
         unlink(disk);
         if (agent_qemu_disk_create(disk, disk_mb, !guest_format, err,
                                    sizeof(err)) != 0) {
