@@ -4,8 +4,10 @@ One VM (TCG here) is booted from deploy/guest/out for the whole module and
 driven through pd-guest, the node agent's own client library. Every pd-guest
 call is a new host connection, so the suite also proves that the agent
 serves one host after another and keeps background processes between them.
-The workspace disk starts blank, so the guest formats it at boot; the last
-test powers the VM off and reads the disk on the host to prove the sync.
+The workspace disk starts blank, so the guest formats it at boot. At the
+end the VM powers off (the disk, read on the host, proves the sync), boots
+again on the same disk (kept, not formatted), and once more on a disk of
+random bytes (never formatted): three short boots in all.
 """
 import hashlib
 import json
