@@ -3,14 +3,16 @@
  * FSM behind it: every member applies whatever a log holds, so a command
  * that decodes must apply without a crash too.
  *
- * The first input byte picks the framing: even, the rest is a whole entry
- * (length prefix and padding are the fuzzer's to get right); odd, the
+ * The first input byte picks the mode. 2 or 3: the rest is a sequence
+ * of records (see sequence()) applied to a fresh FSM. Otherwise bit 0
+ * picks the framing of one entry: clear, the rest is a whole entry
+ * (length prefix and padding are the fuzzer's to get right); set, the
  * rest is the msgpack body and the harness adds a correct prefix and
  * padding, so mutations reach the fields instead of dying at the frame.
  *
  * On a successful decode the command is encoded again: that must succeed
  * and decode to the same bytes (the codec is a bijection on what it
- * accepts). The entry is then applied to two long-lived FSMs, replaced
+ * accepts). A single entry is applied to two long-lived FSMs, replaced
  * every RESET_EVERY inputs to bound their memory: after each command the
  * capacity index must mirror the nodes table, and the two FSMs must give
  * the same result and, checked every 64 inputs, the same dump.
@@ -25,8 +27,9 @@
 
 #define RESET_EVERY 2000
 
-/* Two FSMs fed the same entries: they must stay equal (determinism). */
-static struct fsm *fsm, *mirror;
+/* Two FSMs fed the same entries: they must stay equal (determinism).
+ * Sequences get their own FSM, so the long-lived pair keeps its state. */
+static struct fsm *live, *live_mirror, *seq_fsm;
 static unsigned runs;
 
 static unsigned char *
@@ -92,7 +95,7 @@ check_index(struct fsm *f)
 }
 
 static void
-check_same(void)
+check_same(struct fsm *fsm, struct fsm *mirror)
 {
     char *a, *b;
 
@@ -103,28 +106,74 @@ check_same(void)
     free(b);
 }
 
+/* Replaces *a (and *b, when not NULL) with empty FSMs. */
 static void
-apply(const void *entry, size_t len)
+reset(struct fsm **a, struct fsm **b)
 {
-    struct fsm_result res, res2;
     char err[256];
 
-    if (fsm == NULL || ++runs % RESET_EVERY == 0) {
-        fsm_free(fsm);
-        fsm_free(mirror);
-        if (fsm_new(&fsm, err, sizeof(err)) != 0 ||
-            fsm_new(&mirror, err, sizeof(err)) != 0)
-            abort();
-    }
-    /* Only sqlite running out of memory may fail. */
-    if (fsm_apply_buf(fsm, entry, len, &res) != 0 ||
-        fsm_apply_buf(mirror, entry, len, &res2) != 0)
+    fsm_free(*a);
+    if (fsm_new(a, err, sizeof(err)) != 0)
         abort();
-    if (res.code != res2.code || strcmp(res.message, res2.message) != 0)
+    if (b == NULL)
+        return;
+    fsm_free(*b);
+    if (fsm_new(b, err, sizeof(err)) != 0)
+        abort();
+}
+
+static void
+apply(struct fsm *fsm, struct fsm *mirror, const void *entry, size_t len)
+{
+    struct fsm_result res, res2;
+
+    /* Only sqlite running out of memory may fail. */
+    if (fsm_apply_buf(fsm, entry, len, &res) != 0)
         abort();
     check_index(fsm);
-    if (runs % 64 == 0)
-        check_same();
+    if (mirror == NULL)
+        return;
+    if (fsm_apply_buf(mirror, entry, len, &res2) != 0 ||
+        res.code != res2.code || strcmp(res.message, res2.message) != 0)
+        abort();
+}
+
+/* Decodes, checks and applies one entry (owned by the caller). */
+static void
+one(struct fsm *a, struct fsm *b, const unsigned char *entry, size_t len)
+{
+    struct fsm_cmd c;
+    char err[256];
+
+    if (fsm_cmd_decode(entry, len, &c, err, sizeof(err)) != 0)
+        return;
+    check_round_trip(&c);
+    fsm_cmd_free(&c);
+    apply(a, b, entry, len);
+}
+
+/* Records of [2-byte big-endian length][body], each framed by wrap(),
+ * applied in order to a fresh FSM: a whole history in one input, so a
+ * crash reproduces from its input alone. (One FSM only, as creating one
+ * costs milliseconds; determinism is checked by the other mode.) */
+static void
+sequence(const uint8_t *p, size_t n)
+{
+    reset(&seq_fsm, NULL);
+    while (n >= 2) {
+        size_t rec = (size_t)p[0] << 8 | p[1], len;
+        unsigned char *entry;
+
+        p += 2;
+        n -= 2;
+        if (rec > n)
+            rec = n;
+        entry = wrap(p, rec, &len);
+        one(seq_fsm, NULL, entry, len);
+        free(entry);
+        p += rec;
+        n -= rec;
+    }
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -133,12 +182,16 @@ int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     unsigned char *entry;
-    struct fsm_cmd c;
     size_t len;
-    char err[256];
 
     if (size < 1)
         return 0;
+    if ((data[0] & 0xfe) == 2) {
+        sequence(data + 1, size - 1);
+        return 0;
+    }
+    if (live == NULL || ++runs % RESET_EVERY == 0)
+        reset(&live, &live_mirror);
     if (data[0] & 1) {
         entry = wrap(data + 1, size - 1, &len);
     } else {
@@ -149,11 +202,9 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             abort();
         memcpy(entry, data + 1, len);
     }
-    if (fsm_cmd_decode(entry, len, &c, err, sizeof(err)) == 0) {
-        check_round_trip(&c);
-        fsm_cmd_free(&c);
-        apply(entry, len);
-    }
+    one(live, live_mirror, entry, len);
+    if (runs % 64 == 0)
+        check_same(live, live_mirror);
     free(entry);
     return 0;
 }
