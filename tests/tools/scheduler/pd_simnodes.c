@@ -791,6 +791,8 @@ run_load(const char *apis, size_t conc, uint64_t timeout_ms)
         cl->again.data = cl;
         client_connect(cl);
     }
+    for (size_t i = 0; i < n; i++)
+        free(list[i]);
     uv_timer_init(loop, &timer);
     uv_timer_start(&timer, on_timeout, timeout_ms, 0);
     uv_run(loop, UV_RUN_DEFAULT);
