@@ -16,9 +16,9 @@
  * raftnode_add (spare, then voter) followed by MEMBER_SET for the new
  * member's addresses when they were given (else the member records them
  * itself through the leader once it follows); remove is raftnode_remove
- * then MEMBER_REMOVE. The
- * leader does not remove itself: it would step down before it could
- * answer, so it asks for a leadership transfer first.
+ * then MEMBER_REMOVE. The leader does not remove itself: it would step
+ * down before it could answer, so it hands leadership over and forwards
+ * the removal to the new leader.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -713,6 +713,60 @@ add_member(struct pd_http_req *r, const struct pd_http_params *p, void *arg)
                       add_body, c->s);
 }
 
+/*
+ * The leader is asked to remove itself: it would step down before it
+ * could answer, so it hands leadership over first and then forwards the
+ * same request to the new leader, which removes it like any member.
+ */
+struct self_remove {
+    struct sched_call call;
+    struct pd_http_req *r;
+};
+
+static void
+on_self_transfer(void *data, int status, const char *msg)
+{
+    struct self_remove *x = data;
+    struct pd_http_req *r = x->r;
+
+    if (status != 0)
+        pd_http_respond_error(r, 503, "unavailable", "member %llu: "
+                              "leadership did not move (%s); retry",
+                              (unsigned long long)x->call.s->cfg.id,
+                              *msg != '\0' ? msg : strerror(-status));
+    else if (pd_http_req_injected(r) ||
+             !sched_forward_if_follower(&x->call, r))
+        pd_http_respond_error(r, 503, "unavailable", "member %llu handed "
+                              "leadership over; retry the removal",
+                              (unsigned long long)x->call.s->cfg.id);
+    free(x);
+}
+
+static void
+remove_self(struct sched_call *c, struct pd_http_req *r)
+{
+    struct self_remove *x = malloc(sizeof(*x));
+    int rv;
+
+    if (x == NULL) {
+        pd_http_respond_error(r, 503, "unavailable", "out of memory");
+        return;
+    }
+    x->call = *c;
+    x->r = r;
+    pd_info("cluster", "member %llu: asked to remove itself; handing "
+            "leadership over first", (unsigned long long)c->s->cfg.id);
+    rv = raftnode_transfer(c->s->raft, 0, on_self_transfer, x);
+    if (rv != 0) {
+        pd_http_respond_error(r, 409, "conflict", "member %llu is the "
+                              "leader and cannot hand leadership over "
+                              "(%s)", (unsigned long long)c->s->cfg.id,
+                              rv == -ENOENT ? "no other voter"
+                                            : strerror(-rv));
+        free(x);
+    }
+}
+
 static void
 remove_member(struct pd_http_req *r, const struct pd_http_params *p,
               void *arg)
@@ -741,16 +795,13 @@ remove_member(struct pd_http_req *r, const struct pd_http_params *p,
                               "the cluster", (unsigned long long)id);
         return;
     }
-    if (id == s->cfg.id) {
-        pd_http_respond_error(r, 409, "conflict", "member %llu is the "
-                              "leader; stop it first (SIGTERM hands "
-                              "leadership over), then remove it",
-                              (unsigned long long)id);
-        return;
-    }
     if (cl.change_busy) {
         pd_http_respond_error(r, 409, "conflict", "another membership "
                               "change is in flight; retry when it is done");
+        return;
+    }
+    if (id == s->cfg.id) {
+        remove_self(c, r);
         return;
     }
     if ((x = calloc(1, sizeof(*x))) == NULL) {

@@ -7,8 +7,9 @@ kind of bad input gets a 4xx in the DESIGN.md shape; SIGKILL of the leader
 gives a new leader within seconds with no acknowledged create lost and the
 sandbox still reachable; the killed scheduler restarts and catches up;
 adding a scheduler (with a second membership change refused while the
-first is in flight) and removing it; and a full stop and restart of every
-scheduler, after snapshots, preserving every row.
+first is in flight) and removing it; FORWARD frames checked on the wire;
+a full stop and restart of every scheduler, after snapshots, preserving
+every row; and removing the leader itself (it hands over first).
 """
 import concurrent.futures
 import errno
@@ -685,3 +686,20 @@ def test_snapshot_and_restart_preserve_every_row(lc):
         # Each member's own copy, rebuilt from its snapshot and log.
         wait_for(lambda: rows(lc, at=n, consistent=False) == before, 30,
                  "%s to hold every row again" % n)
+
+
+def test_removing_the_leader_hands_over_first(lc):
+    # Last in the module: the cluster ends with two members.
+    old = lc.leader()
+    oid = lc.conf()["members"][old]["id"]
+    st, _h, b = api(lc, "DELETE", "/v1/cluster/members/%d" % oid, at=old,
+                    timeout=60)
+    assert st == 200, b
+    rest = [n for n in lc.schedulers()[:3] if n != old]
+    new = wait_for(lambda: lc.leader(rest), 15, "a leader among the rest")
+    st, _h, cl = api(lc, "GET", "/v1/cluster", at=new)
+    assert oid not in {m["id"] for m in cl["members"]}, cl
+    st, _h, b = api(lc, "POST", "/v1/nodes/agent-1/drain", {"drain": False},
+                    at=[n for n in rest if n != new][0])
+    assert st == 200, b
+    lc.run("stop", old)
