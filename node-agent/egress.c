@@ -43,7 +43,14 @@ struct pxconn {
     unsigned port;
     char *out;           /* rewritten head for plain HTTP */
     size_t outlen;
+    /* The listener that accepted it, until that one goes. */
+    const struct agent_egress_listener *owner;
+    struct pxconn *prev, *next; /* all_px */
 };
+
+/* Every connection being served, so a listener that goes can end the
+ * persistent stream it accepted (it never ends on its own). */
+static struct pxconn *all_px;
 
 struct agent_egress_listener {
     uv_loop_t *loop;
@@ -129,6 +136,12 @@ unref(struct pxconn *px)
 {
     if (--px->refs > 0)
         return;
+    if (px->prev != NULL)
+        px->prev->next = px->next;
+    else if (all_px == px)
+        all_px = px->next;
+    if (px->next != NULL)
+        px->next->prev = px->prev;
     free(px->allow);
     free(px->out);
     free(px);
@@ -676,9 +689,10 @@ client_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
     }
 }
 
-int
-agent_egress_serve(uv_loop_t *loop, uv_stream_t *client,
-                   const char *sandbox, const char *allow, bool persistent)
+static int
+serve(uv_loop_t *loop, uv_stream_t *client, const char *sandbox,
+      const char *allow, bool persistent,
+      const struct agent_egress_listener *owner)
 {
     struct pxconn *px = calloc(1, sizeof(*px));
 
@@ -691,6 +705,11 @@ agent_egress_serve(uv_loop_t *loop, uv_stream_t *client,
     px->client = client;
     px->persistent = persistent;
     px->refs = 1; /* the client handle */
+    px->owner = owner;
+    px->next = all_px;
+    if (all_px != NULL)
+        all_px->prev = px;
+    all_px = px;
     pd_strlcpy(px->sandbox, sandbox, sizeof(px->sandbox));
     client->data = px;
     if (uv_read_start(client, alloc_cb, client_read) != 0) {
@@ -701,6 +720,13 @@ agent_egress_serve(uv_loop_t *loop, uv_stream_t *client,
 }
 
 /* ---- listeners --------------------------------------------------------- */
+
+int
+agent_egress_serve(uv_loop_t *loop, uv_stream_t *client,
+                   const char *sandbox, const char *allow, bool persistent)
+{
+    return serve(loop, client, sandbox, allow, persistent, NULL);
+}
 
 static void
 on_listener_conn(uv_stream_t *server, int status)
@@ -722,7 +748,7 @@ on_listener_conn(uv_stream_t *server, int status)
         return;
     }
     /* The unix socket is the guestfwd chardev: one stream, many requests. */
-    agent_egress_serve(l->loop, client, l->sandbox, l->allow, l->is_pipe);
+    serve(l->loop, client, l->sandbox, l->allow, l->is_pipe, l);
 }
 
 static struct agent_egress_listener *
@@ -814,8 +840,16 @@ agent_egress_listen_tcp(uv_loop_t *loop, const char *sandbox,
 void
 agent_egress_unlisten(struct agent_egress_listener *l)
 {
-    if (l != NULL)
-        uv_close((uv_handle_t *)&l->h, free_listener);
+    if (l == NULL)
+        return;
+    for (struct pxconn *px = all_px; px != NULL; px = px->next) {
+        if (px->owner != l)
+            continue;
+        px->owner = NULL;
+        if (px->persistent)
+            px_close(px);
+    }
+    uv_close((uv_handle_t *)&l->h, free_listener);
 }
 
 uint64_t

@@ -59,7 +59,9 @@ int agent_egress_listen_tcp(uv_loop_t *loop, const char *sandbox,
                             const char *allow, unsigned *port,
                             struct agent_egress_listener **out);
 
-/* Stops listening; connections in flight finish on their own. */
+/* Stops listening. Connections in flight finish on their own, except the
+ * persistent stream of a unix listener (QEMU's chardev), which is closed:
+ * it would never end by itself. */
 void agent_egress_unlisten(struct agent_egress_listener *l);
 
 /* Connections and requests served so far, for AGENT_INFO and tests. */
