@@ -578,15 +578,17 @@ on_place_applied(void *data, int status, const struct fsm_result *res)
         op_free(o);
         return;
     }
-    if (res->code == -ESTALE ||
-        (res->code == -ENOSPC && o->tries < PLACE_TRIES)) {
-        if (o->tries < PLACE_TRIES) {
-            pd_trace("lifecycle", "sandbox %s: %s, placing again", id,
-                     res->message);
-            fsm_rid_new(&o->cmd.rid);
-            op_place(o);
-            return;
-        }
+    /* A stale choice: the node went down, started draining, filled up,
+     * or (for a create, where the sandbox's absence is normal) vanished.
+     * Choose again from the state as it is now. */
+    if ((res->code == -ESTALE || res->code == -ENOSPC ||
+         (res->code == -ENOENT && !o->cmd.u.place.replace)) &&
+        o->tries < PLACE_TRIES) {
+        pd_trace("lifecycle", "sandbox %s: %s, placing again", id,
+                 res->message);
+        fsm_rid_new(&o->cmd.rid);
+        op_place(o);
+        return;
     }
     if (res->code != 0) {
         op_answer_row(o, res->code, res->message);
