@@ -263,7 +263,10 @@ if [ "$FULL" = 1 ]; then
     command -v debootstrap >/dev/null 2>&1 ||
         die "--full needs debootstrap: apt-get install debootstrap"
     FR="$WORK/full"
-    debootstrap --variant=minbase --include=python3,ca-certificates \
+    # e2fsprogs: the agent formats a blank workspace with mke2fs, which
+    # minbase leaves out.
+    debootstrap --variant=minbase \
+        --include=python3,ca-certificates,e2fsprogs \
         bookworm "$FR" >"$WORK/debootstrap.log" 2>&1 ||
         { tail -20 "$WORK/debootstrap.log"; die "debootstrap failed"; }
     rm -rf "$FR/var/cache/apt/archives"/*.deb "$FR/var/lib/apt/lists"/*
@@ -275,6 +278,8 @@ if [ "$FULL" = 1 ]; then
     # The agent runs udhcpc and mke2fs: busybox provides the former.
     install -m 755 "$WORK/busybox/bin/busybox" "$FR/bin/busybox"
     [ -e "$FR/sbin/udhcpc" ] || ln -s /bin/busybox "$FR/sbin/udhcpc"
+    # udhcpc.script configures the interface with ip (no iproute2 here).
+    [ -e "$FR/sbin/ip" ] || ln -s /bin/busybox "$FR/sbin/ip"
     pack "$FR" "$OUT/full-initrd.img"
     echo "full $(grep -c . "$FR/var/lib/dpkg/status") dpkg status lines" \
         >>"$OUT/versions.txt"
