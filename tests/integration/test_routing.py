@@ -147,6 +147,19 @@ def test_exec_reaches_both_agents_through_each_follower(cl):
             assert r["truncated"] is False and r["duration_ms"] >= 0
 
 
+def test_concurrent_execs_share_the_follower_links(cl):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i):
+        sb = "rt-a" if i % 2 else "rt-b"
+        return sb, i, execj(cl, sb, {"argv": ["sh", "-c",
+                                             "sleep 0.2; echo %d" % i]})
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(32)))
+    for sb, i, r in results:
+        assert r["exit_code"] == 0 and r["stdout"] == "%d\n" % i, (sb, r)
+
+
 def test_exec_argv_is_data_and_command_is_shell(cl):
     r = execj(cl, "rt-a", {"argv": ["echo", "$HOME; rm -rf /", "a  b"]})
     assert r["stdout"] == "$HOME; rm -rf / a  b\n"
