@@ -500,21 +500,45 @@ spec_free(struct fsm_spec *spec)
     spec->env = spec->labels = NULL;
 }
 
-/* The same id exists: 200 when it is the same request, else 409. */
+static void
+existing_ran(void *data, int code, const char *message,
+             const struct fsm_sandbox *sb, bool replaced)
+{
+    struct create_ctx *x = data;
+
+    PD_UNUSED(replaced);
+    if (code == 0 && sb != NULL)
+        pd_http_respond_json(x->r, 200, sandbox_json(x->s, sb));
+    else
+        respond_errno(x->r, code != 0 ? code : -EIO, "create", message);
+    free(x);
+}
+
+/*
+ * The same id exists: 200 when it is the same request (after it runs,
+ * with ?wait=true and a sandbox still booting), else 409. Returns false
+ * when there is no such sandbox, true when answered here; *async is set
+ * when the answer comes later (x then belongs to the callback).
+ */
 static bool
 create_existing(struct create_ctx *x, const char *id,
-                const struct fsm_spec *spec)
+                const struct fsm_spec *spec, bool *async)
 {
     struct fsm_sandbox sb;
 
+    *async = false;
     if (fsm_sandbox_get(x->s->fsm, id, &sb) != 0)
         return false;
-    if (strcmp(sb.tenant, x->who.tenant) == 0 &&
-        spec_equal(&sb.spec, spec)) {
-        pd_http_respond_json(x->r, 200, sandbox_json(x->s, &sb));
-    } else {
+    if (strcmp(sb.tenant, x->who.tenant) != 0 ||
+        !spec_equal(&sb.spec, spec)) {
         pd_http_respond_error(x->r, 409, "conflict", "sandbox %s already "
                               "exists with another spec", id);
+    } else if (x->wait && (sb.state == FSM_SB_PENDING ||
+                           sb.state == FSM_SB_STARTING)) {
+        *async = true;
+        sched_sandbox_ensure(x->s, id, existing_ran, x);
+    } else {
+        pd_http_respond_json(x->r, 200, sandbox_json(x->s, &sb));
     }
     fsm_sandbox_clear(&sb);
     return true;
@@ -527,6 +551,7 @@ create_body(struct pd_http_req *r, json_t *body, void *arg)
     struct sched_create_req req;
     const char *id = json_string_value(json_object_get(body, "id"));
     char msg[256] = "";
+    bool async;
     int rv;
 
     memset(&req, 0, sizeof(req));
@@ -544,8 +569,11 @@ create_body(struct pd_http_req *r, json_t *body, void *arg)
             pd_http_respond_error(r, 400, "invalid_argument", "%s", msg);
         goto out;
     }
-    if (create_existing(x, id, &req.spec))
+    if (create_existing(x, id, &req.spec, &async)) {
+        if (async)
+            x = NULL; /* the ensure callback answers and frees it */
         goto out;
+    }
     pd_strlcpy(req.id, id, sizeof(req.id));
     pd_strlcpy(req.tenant, x->who.tenant, sizeof(req.tenant));
     req.wait = x->wait;

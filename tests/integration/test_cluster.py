@@ -167,6 +167,15 @@ def test_create_through_a_follower_lands_on_a_node(lc):
                      {"argv": ["echo", "hi"]}, at=lc.followers()[-1],
                      timeout=60)
     assert st == 200 and ex["exit_code"] == 0, ex
+    # A create repeated with ?wait=true while the first still boots waits
+    # for the same sandbox to run.
+    st, _h, b = api(lc, "POST", "/v1/sandboxes", dict(SMALL, id="c2"), at=f)
+    assert st == 201 and b["state"] in ("pending", "starting"), b
+    st, _h, b = api(lc, "POST", "/v1/sandboxes?wait=true",
+                    dict(SMALL, id="c2"), at=f, timeout=180)
+    assert st == 200 and b["state"] == "running", b
+    st, _h, b = api(lc, "DELETE", "/v1/sandboxes/c2", at=f, timeout=60)
+    assert st == 200, b
 
 
 def test_cluster_nodes_health_and_metrics(lc):
