@@ -99,7 +99,6 @@ struct io {
     char subject[PD_ID_MAX + 16]; /* "sandbox <id>", for logs */
     char node[PD_ID_MAX + 1];
     char rpc_addr[128];
-    uint64_t t0;
 
     json_t *body;             /* checked JSON body (exec, start, mkdir..) */
     char *path;               /* files */
@@ -121,7 +120,7 @@ struct io {
     /* uploads */
     struct obuf up;
     size_t up_off;
-    bool body_streaming, body_done, body_paused, eof_sent;
+    bool body_done, body_paused, eof_sent;
     uint64_t up_bytes;
 };
 
@@ -478,7 +477,6 @@ io_new(struct sched_call *c, struct pd_http_req *r,
     io->s = c->s;
     io->r = r;
     io->kind = kind;
-    io->t0 = pd_now_ms();
     pd_strlcpy(io->sandbox, id, sizeof(io->sandbox));
     snprintf(io->subject, sizeof(io->subject), "sandbox %s", io->sandbox);
     pd_http_req_set_data(r, io);
@@ -1193,7 +1191,6 @@ start_upload(struct io *io)
 {
     static const struct pd_http_body_stream_cb cb = {up_data, up_end};
 
-    io->body_streaming = true;
     if (pd_http_body_stream(io->r, 0, &cb, io) != 0)
         io_fail(io, 500, "internal", "the request body was already read");
 }
