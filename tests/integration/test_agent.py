@@ -788,7 +788,9 @@ def test_agent_restart_readopts_running_vms(agent, vms, web):
     # SIGTERM: the agent leaves at once (closing an idle scheduler
     # connection), the VMs stay.
     idle = agent.wire()
-    assert agent.proc.stop() == 0
+    t0 = time.monotonic()
+    rc = agent.proc.stop()
+    assert rc == 0, (rc, time.monotonic() - t0, agent.proc.log()[-3000:])
     assert idle.closed_by_peer(2)
     idle.close()
     assert alive(q1["pid"]) and alive(ea["pid"])
