@@ -887,6 +887,60 @@ sched_auth_respond_errno(struct pd_http_req *r, int status, const char *msg)
     }
 }
 
+/* ---- JSON bodies ------------------------------------------------------- */
+
+struct jread {
+    const struct pd_json_field *fields;
+    size_t n;
+    pd_http_json_cb cb;
+    void (*fail)(void *arg);
+    void *arg;
+};
+
+static void
+jread_done(struct pd_http_req *r, int err, const char *body, size_t len,
+           void *data)
+{
+    struct jread j = *(struct jread *)data;
+    char msg[300];
+    json_t *obj;
+    int rv;
+
+    free(data);
+    if (err != 0) {
+        pd_http_fail(r, err);
+        j.fail(j.arg);
+        return;
+    }
+    rv = pd_json_parse(body, len, true, j.fields, j.n, &obj, msg,
+                       sizeof(msg));
+    if (rv < 0) {
+        pd_http_respond_error(r, 400, rv == -EBADMSG ? "invalid_json"
+                                                     : "invalid_argument",
+                              "%s", msg);
+        j.fail(j.arg);
+        return;
+    }
+    j.cb(r, obj, j.arg);
+}
+
+int
+sched_read_json(struct pd_http_req *r, size_t max,
+                const struct pd_json_field *fields, size_t n,
+                pd_http_json_cb cb, void (*fail)(void *arg), void *arg)
+{
+    struct jread *j = malloc(sizeof(*j));
+    int rc;
+
+    if (j == NULL)
+        return -ENOMEM;
+    *j = (struct jread){fields, n, cb, fail, arg};
+    rc = pd_http_body_read(r, max, jread_done, j);
+    if (rc != 0)
+        free(j);
+    return rc;
+}
+
 /* ---- Life cycle -------------------------------------------------------- */
 
 int

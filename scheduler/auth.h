@@ -66,6 +66,16 @@ void sched_auth_nudge(struct sched *s);
 char *sched_auth_sandbox_token(struct sched *s, const char *tenant,
                                const char *sandbox);
 
+/*
+ * Like pd_http_read_json, but a body that is refused (answered 400, 413,
+ * 408 there) also calls fail(arg), so the handler's state is freed.
+ * Returns 0, or a negative errno when the body cannot be read at all
+ * (nothing answered, neither callback runs).
+ */
+int sched_read_json(struct pd_http_req *r, size_t max,
+                    const struct pd_json_field *fields, size_t n,
+                    pd_http_json_cb cb, void (*fail)(void *arg), void *arg);
+
 /* Maps a principal's role to its name ("admin", "tenant", "node"). */
 const char *sched_role_name(enum sched_role role);
 

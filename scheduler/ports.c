@@ -105,6 +105,12 @@ portreq_free(struct portreq *q)
     free(q);
 }
 
+static void
+portreq_fail(void *arg)
+{
+    portreq_free(arg);
+}
+
 /* ---- POST /v1/sandboxes/{id}/ports ------------------------------------- */
 
 static const struct pd_json_field expose_fields[] = {
@@ -190,8 +196,11 @@ h_expose(struct pd_http_req *r, const struct pd_http_params *p, void *arg)
     fsm_sandbox_clear(&sb);
     if (q == NULL)
         return;
-    if (pd_http_read_json(r, 4096, expose_fields, 1, expose_body, q) != 0)
+    if (sched_read_json(r, 4096, expose_fields, 1, expose_body,
+                        portreq_fail, q) != 0) {
+        pd_http_respond_error(r, 500, "internal", "cannot read the body");
         portreq_free(q);
+    }
 }
 
 /* ---- GET /v1/sandboxes/{id}/ports -------------------------------------- */

@@ -124,14 +124,23 @@ static void on_timeout(uv_timer_t *h);
 
 /* ---- small helpers ----------------------------------------------------- */
 
+/* The one answer for every wrong URL. Logged with what it asked for
+ * (never the token); the guess limiter bounds how often per address. */
 static void
-not_found(struct sched_preview *pv, struct pd_http_req *r, const char *why)
+not_found(struct sched_preview *pv, struct pd_http_req *r,
+          const struct sched_preview_host *ph, const char *why)
 {
     const char *ip = pd_http_req_peer_ip(r);
 
     pv->n_refused++;
+    sched_metrics_inc(pv->s, "preview_refused", 1);
     sched_ratelimit_take(pv->guesses, ip, pd_now_ms());
-    pd_debug("preview", "request from %s refused: %s", ip, why);
+    if (ph != NULL)
+        pd_info("preview", "request from %s for port %u of sandbox %s "
+                "refused: %s; answering 404", ip, ph->port, ph->sandbox, why);
+    else
+        pd_info("preview", "request from %s refused: %s; answering 404", ip,
+                why);
     pd_http_respond_error(r, 404, "not_found", "no such preview URL");
 }
 
@@ -932,22 +941,22 @@ on_request(struct pd_http_req *r, void *arg)
     if (host == NULL ||
         sched_preview_parse_host(host, strlen(host), s->cfg.preview_domain,
                                  &ph) != 0) {
-        not_found(pv, r, "Host is not a preview URL");
+        not_found(pv, r, NULL, "Host is not a preview URL");
         return;
     }
     if (fsm_port_get(s->fsm, ph.sandbox, ph.port, &fp) != 0) {
         /* Same work as a wrong token, so timing tells nothing. */
         sched_preview_token_matches(ph.token, "");
-        not_found(pv, r, "port not exposed");
+        not_found(pv, r, &ph, "port not exposed");
         return;
     }
     pd_hex(fp.token_hash, sizeof(fp.token_hash), hex);
     if (!sched_preview_token_matches(ph.token, hex)) {
-        not_found(pv, r, "wrong token");
+        not_found(pv, r, &ph, "wrong token");
         return;
     }
     if (fsm_sandbox_get(s->fsm, ph.sandbox, &sb) != 0) {
-        not_found(pv, r, "sandbox gone");
+        not_found(pv, r, &ph, "sandbox gone");
         return;
     }
     if (sb.state == FSM_SB_RUNNING) {

@@ -77,6 +77,12 @@ tokreq_free(struct tokreq *t)
     free(t);
 }
 
+static void
+tokreq_fail(void *arg)
+{
+    tokreq_free(arg);
+}
+
 static bool
 require_admin(struct sched_call *c, struct pd_http_req *r)
 {
@@ -205,10 +211,12 @@ h_create(struct pd_http_req *r, const struct pd_http_params *p, void *arg)
     t = tokreq_new(c, r);
     if (t == NULL)
         return;
-    if (pd_http_read_json(r, 16384, create_fields,
-                          sizeof(create_fields) / sizeof(create_fields[0]),
-                          create_body, t) != 0)
+    if (sched_read_json(r, 16384, create_fields,
+                        sizeof(create_fields) / sizeof(create_fields[0]),
+                        create_body, tokreq_fail, t) != 0) {
+        pd_http_respond_error(r, 500, "internal", "cannot read the body");
         tokreq_free(t);
+    }
 }
 
 /* ---- GET /v1/tokens ---------------------------------------------------- */

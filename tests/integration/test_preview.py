@@ -374,6 +374,10 @@ def test_wrong_tokens_get_the_same_404(cl):
         assert st == 404, (host, st, body)
         bodies.add(repr(body))
     assert len(bodies) == 1, bodies
+    # Logged with what was asked for, never with a token.
+    log = s["proc"].log()
+    assert "wrong token" in log and "port 8081 of sandbox pva" in log
+    assert token not in log and flipped not in log
     # Case does not matter in host names.
     st, _h, _b = pget(s, good.upper(), "/index.html")
     assert st == 200
@@ -421,6 +425,22 @@ def test_guessing_is_rate_limited(cl):
     # ...while another address is not.
     st, _h, _b = pget(s, host, "/index.html")
     assert st == 200
+
+
+def test_bad_expose_requests(cl):
+    for body in ({}, {"port": 0}, {"port": 70000}, {"port": "80"},
+                 {"port": 80, "extra": 1}, "[1]", "{bad json"):
+        st, _h, b = cl.api("POST", "/v1/sandboxes/pva/ports", body,
+                           at=cl.follower())
+        assert st == 400, (body, st, b)
+    st, _h, b = cl.api("POST", "/v1/sandboxes/pva/ports",
+                       {"port": PORTS["httpd"]})
+    assert st == 409, b                      # already exposed
+    for port in ("0", "x", "65536", "080"):
+        st, _h, b = cl.api("DELETE", "/v1/sandboxes/pva/ports/" + port)
+        assert st == 400, (port, st, b)
+    st, _h, b = cl.api("POST", "/v1/sandboxes/no-such/ports", {"port": 80})
+    assert st == 404, b
 
 
 def test_tenant_cannot_expose_another_tenants_sandbox(cl):
