@@ -324,10 +324,15 @@ reply(struct pxconn *px, int code, const char *text, const char *body)
                  code, text, strlen(body), body);
     if (px->client != NULL)
         px_write_copy(px, px->client, msg, (size_t)n);
-    /* The refused request is consumed, or a persistent stream would
-     * parse it again, and again. Bytes of its body already buffered go
-     * with it: the stream has no boundaries to resynchronise on. */
-    px->len = 0;
+    /* The refused head is consumed, or a persistent stream would parse
+     * it again, and again; what follows it is the next request. Without
+     * a complete head (too large) there is nothing to resync on. */
+    if (px->head_end > 0 && px->head_end <= px->len) {
+        memmove(px->buf, px->buf + px->head_end, px->len - px->head_end);
+        px->len -= px->head_end;
+    } else {
+        px->len = 0;
+    }
     px->head_end = 0;
     exchange_done(px);
 }
