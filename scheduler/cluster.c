@@ -256,29 +256,83 @@ bad:
     return 0;
 }
 
+/* Checks the bootstrap list against this member's id and Raft address;
+ * fills *out (malloc'd) when out is not NULL. */
+static int
+check_bootstrap(const struct sched_cfg *cfg, struct raftnode_peer **out,
+                size_t *nout, char *err, size_t errlen)
+{
+    struct raftnode_peer *peers;
+    size_t npeers, i, j;
+    bool self_listed = false;
+    int rv;
+
+    rv = parse_bootstrap(cfg->bootstrap, &peers, &npeers, err, errlen);
+    if (rv != 0)
+        return rv;
+    for (i = 0; i < npeers && rv == 0; i++) {
+        const char *colon = strrchr(peers[i].address, ':');
+
+        if (colon == NULL || colon == peers[i].address ||
+            colon[1] == '\0' ||
+            strspn(colon + 1, "0123456789") != strlen(colon + 1)) {
+            snprintf(err, errlen, "bootstrap: member %llu: \"%s\" is not "
+                     "host:port", (unsigned long long)peers[i].id,
+                     peers[i].address);
+            rv = -EINVAL;
+        }
+        for (j = 0; j < i && rv == 0; j++) {
+            if (peers[j].id == peers[i].id ||
+                strcmp(peers[j].address, peers[i].address) == 0) {
+                snprintf(err, errlen, "bootstrap: member %llu or address "
+                         "%s is listed twice",
+                         (unsigned long long)peers[i].id, peers[i].address);
+                rv = -EINVAL;
+            }
+        }
+        if (rv != 0 || peers[i].id != cfg->id)
+            continue;
+        self_listed = true;
+        if (strcmp(peers[i].address, cfg->raft_addr) != 0) {
+            snprintf(err, errlen, "bootstrap: member %llu is listed at %s "
+                     "but raft_addr is %s", (unsigned long long)cfg->id,
+                     peers[i].address, cfg->raft_addr);
+            rv = -EINVAL;
+        }
+    }
+    if (rv == 0 && npeers > 0 && !self_listed) {
+        snprintf(err, errlen, "bootstrap: this member (id %llu) is not in "
+                 "the list", (unsigned long long)cfg->id);
+        rv = -EINVAL;
+    }
+    if (rv != 0 || out == NULL) {
+        free(peers);
+        return rv;
+    }
+    *out = peers;
+    *nout = npeers;
+    return 0;
+}
+
+int
+sched_cluster_check(const struct sched_cfg *cfg, char *err, size_t errlen)
+{
+    return check_bootstrap(cfg, NULL, NULL, err, errlen);
+}
+
 int
 sched_cluster_init(struct sched *s, char *err, size_t errlen)
 {
     struct raftnode_config rc;
-    struct raftnode_peer *peers;
-    size_t npeers, i;
+    struct raftnode_peer *peers = NULL;
+    size_t npeers = 0;
     char dir[4096];
-    bool self_listed = false;
     int rv;
 
     cl.s = s;
-    rv = parse_bootstrap(s->cfg.bootstrap, &peers, &npeers, err, errlen);
+    rv = check_bootstrap(&s->cfg, &peers, &npeers, err, errlen);
     if (rv != 0)
         return rv;
-    for (i = 0; i < npeers; i++)
-        if (peers[i].id == s->cfg.id)
-            self_listed = true;
-    if (npeers > 0 && !self_listed) {
-        snprintf(err, errlen, "bootstrap: this member (id %llu) is not in "
-                 "the list", (unsigned long long)s->cfg.id);
-        free(peers);
-        return -EINVAL;
-    }
     snprintf(dir, sizeof(dir), "%s/raft", s->cfg.data_dir);
     memset(&rc, 0, sizeof(rc));
     rc.dir = dir;

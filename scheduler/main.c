@@ -179,6 +179,8 @@ check_config(struct sched_cfg *c, char *err, size_t errlen)
         snprintf(err, errlen, "election_timeout: must be 100ms to 60s");
         return -EINVAL;
     }
+    if (sched_cluster_check(c, err, errlen) != 0)
+        return -EINVAL;
     if (c->snapshot_threshold < 4 || c->snapshot_threshold > 1000000) {
         snprintf(err, errlen, "snapshot_threshold: must be 4 to 1000000");
         return -EINVAL;

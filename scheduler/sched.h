@@ -220,6 +220,9 @@ int sched_forward_internal(struct sched *s, const char *method,
 
 /* ---- The Raft member (cluster.c; added by core) ------------------------ */
 
+/* Checks the bootstrap list (for --check-config). */
+int sched_cluster_check(const struct sched_cfg *cfg, char *err,
+                        size_t errlen);
 /* Creates and starts the raftnode (bootstrap list or join mode). */
 int sched_cluster_init(struct sched *s, char *err, size_t errlen);
 /* Hands leadership over when leading (bounded by the election timeout),
