@@ -201,13 +201,20 @@ def guest_image():
 # ---- A Paddock cluster on loopback (appended by tokens) --------------------
 
 def http_json(method, addr, path, token=None, body=None, headers=None,
-              timeout=30.0):
-    """One HTTP request to host:port; returns (status, headers, JSON or
-    raw bytes). Never raises for an HTTP error status."""
+              timeout=30.0, tls_ca=None):
+    """One HTTP request to host:port (HTTPS verified against tls_ca when
+    given); returns (status, headers, JSON or raw bytes). Never raises for
+    an HTTP error status."""
     import http.client
     import json as _json
+    import ssl
     host, port = addr.rsplit(":", 1)
-    c = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    if tls_ca:
+        c = http.client.HTTPSConnection(
+            host, int(port), timeout=timeout,
+            context=ssl.create_default_context(cafile=tls_ca))
+    else:
+        c = http.client.HTTPConnection(host, int(port), timeout=timeout)
     h = dict(headers or {})
     if token:
         h["Authorization"] = "Bearer " + token
@@ -235,7 +242,7 @@ class Cluster:
 
     def __init__(self, procs, workdir, schedulers=3, agents=0,
                  guest=None, sched_env=None, agent_args=None,
-                 sched_args=None, agent_env=None):
+                 sched_args=None, agent_env=None, tls_api=False):
         self.procs = procs
         self.dir = workdir
         self.pki = os.path.join(workdir, "pki")
@@ -243,7 +250,11 @@ class Cluster:
         # be able to reach the agents' data directories inside workdir.
         os.chmod(workdir, 0o711)
         names = ["s%d" % i for i in range(1, schedulers + 1)]
-        anames = ["n%d" % i for i in range(1, agents + 1)]
+        # Node ids (the certificates' CNs) name cgroups shared by every
+        # agent on this machine: a suffix keeps concurrent test clusters
+        # out of each other's way.
+        suffix = os.urandom(3).hex()
+        anames = ["n%d-%s" % (i, suffix) for i in range(1, agents + 1)]
         subprocess.run([os.path.join(REPO, "deploy", "make-certs.sh"),
                         self.pki, "scheduler"] + names + ["agent"] + anames,
                        check=True, capture_output=True)
@@ -256,6 +267,9 @@ class Cluster:
                 "rpc": "127.0.0.1:%d" % free_port(),
                 "preview": "127.0.0.1:%d" % free_port(),
                 "dir": os.path.join(workdir, n)})
+        # tls_api: the API and preview listeners use each scheduler's own
+        # cluster certificate (its SANs cover 127.0.0.1).
+        self.tls_ca = os.path.join(self.pki, "ca.pem") if tls_api else None
         boot = ",".join("%d=%s" % (s["id"], s["raft"]) for s in self.sched)
         for s in self.sched:
             s["proc"] = procs.start("scheduler-%d" % s["id"], [
@@ -267,6 +281,9 @@ class Cluster:
                 "--tls_key", os.path.join(self.pki, s["name"] + ".key"),
                 "--tls_ca", os.path.join(self.pki, "ca.pem"),
                 "--election_timeout", "1s", "--grace", "5s"] +
+                (["--api_tls_cert", os.path.join(self.pki, s["name"] + ".pem"),
+                  "--api_tls_key", os.path.join(self.pki, s["name"] + ".key")]
+                 if tls_api else []) +
                 list(sched_args or []), env=sched_env)
         self.token = wait_for(self._admin_token, 60, "the admin token")
         wait_for(lambda: self.leader() is not None, 30, "a leader")
@@ -292,13 +309,10 @@ class Cluster:
 
     def start_agent(self, name, guest, extra=None):
         kernel, initrd = guest
-        # Node ids name cgroups shared by every agent on this machine: a
-        # suffix keeps concurrent test clusters out of each other's way.
-        a = {"name": name, "rpc": "127.0.0.1:%d" % free_port(),
-             "dir": os.path.join(self.dir, name),
-             "node": "%s-%s" % (name, os.urandom(3).hex())}
+        a = {"name": name, "node": name, "rpc": "127.0.0.1:%d" % free_port(),
+             "dir": os.path.join(self.dir, name)}
         a["proc"] = self.procs.start("agent-" + name, [
-            binary("paddock-agent"), "--node_id", a["node"],
+            binary("paddock-agent"), "--node_id", name,
             "--data_dir", a["dir"], "--rpc_listen", a["rpc"],
             "--schedulers", ",".join(s["rpc"] for s in self.sched),
             "--tls_cert", os.path.join(self.pki, name + ".pem"),
@@ -325,7 +339,8 @@ class Cluster:
                 continue
             try:
                 st, _h, body = http_json("GET", s["api"], "/v1/cluster",
-                                         self.token, timeout=5)
+                                         self.token, timeout=5,
+                                         tls_ca=self.tls_ca)
             except OSError:
                 continue
             if st == 200 and body.get("leader"):
@@ -340,4 +355,5 @@ class Cluster:
 
     def api(self, method, path, body=None, token=None, at=None, **kw):
         addr = (at or self.sched[0])["api"]
+        kw.setdefault("tls_ca", self.tls_ca)
         return http_json(method, addr, path, token or self.token, body, **kw)

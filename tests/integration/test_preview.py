@@ -11,6 +11,7 @@ get the same 404; a closed guest port a 502 that says so; a silent guest a
 """
 import base64
 import hashlib
+import http.client
 import os
 import socket
 import time
@@ -483,6 +484,28 @@ def test_list_and_unexpose_kill_the_url_everywhere(cl):
     st, _h, body = cl.api("DELETE", "/v1/sandboxes/pvb/ports/%d" %
                           PORTS["ws"])
     assert st == 404, body
+
+
+def test_preview_and_api_over_tls(procs, workdir):
+    """With api_tls_cert/key, both listeners speak HTTPS only (one
+    scheduler, no VM: the TLS layer and the preview 404 are what count)."""
+    import ssl
+    c = Cluster(procs, workdir, schedulers=1, tls_api=True)
+    ctx = ssl.create_default_context(cafile=os.path.join(c.pki, "ca.pem"))
+    for addr, path, want in ((c.sched[0]["preview"], "/", 404),
+                             (c.sched[0]["api"], "/v1/health", 200)):
+        h, p = addr.rsplit(":", 1)
+        k = http.client.HTTPSConnection(h, int(p), context=ctx, timeout=10)
+        k.request("GET", path, headers={
+            "Host": "8080-box-abcdefghijklmnopqrstuvwxyz.preview.localhost"
+            if want == 404 else h})
+        r = k.getresponse()
+        assert r.status == want, (addr, r.status, r.read())
+        k.close()
+        # Plain HTTP on a TLS listener gets nothing useful back.
+        out = raw({"preview": addr}, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+                  timeout=5)
+        assert not out.startswith(b"HTTP/1.1 2"), out
 
 
 def test_destroy_unexposes_everything(cl):
