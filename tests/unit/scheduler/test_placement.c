@@ -5,6 +5,7 @@
  * placement against the real FSM until it is full: never over-committed.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -12,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -310,6 +312,43 @@ test_bad_requests(void **state)
     assert_int_equal(sched_strategy_parse("", &s), -EINVAL);
 }
 
+/* PADDOCK_TRACE=placement narrates every rejection and the choice: run
+ * each path with it on (output to /dev/null), for the formats' sake. */
+static void
+test_trace(void **state)
+{
+    struct fsm_kv zone = {.key = "zone", .value = "z"};
+    struct nodes ns = {0};
+    struct sched_place_req r;
+    struct sched_place_out out;
+    char why[512];
+    int saved = dup(2), null = open("/dev/null", O_WRONLY);
+
+    (void)state;
+    add(&ns, "a", 8, 2048, 100000, 0, 0, 0);
+    add(&ns, "b", 8, 8192, 100000, 0, 0, 0)->draining = true;
+    add(&ns, "c", 8, 8192, 100000, 0, 0, 0)->ready = false;
+    set_labels(&ns, add(&ns, "d", 8, 8192, 100000, 0, 0, 0), "zone=z\n");
+    assert_true(saved >= 0 && null >= 0);
+    dup2(null, 2);
+    setenv("PADDOCK_TRACE", "placement", 1);
+    r = req(1, 4096, 1, SCHED_BINPACK);
+    assert_int_equal(sched_place(&ns.idx, &r, &out, why, sizeof(why)), 0);
+    r.sandbox = NULL;
+    r.constraints = &zone;
+    r.n_constraints = 1;
+    r.memory_mb = 1 << 20;
+    assert_int_equal(sched_place(&ns.idx, &r, &out, why, sizeof(why)), -ENOSPC);
+    unsetenv("PADDOCK_TRACE");
+    dup2(saved, 2);
+    close(saved);
+    close(null);
+    assert_string_equal(why, "no node fits: 1 node lacks memory (need "
+                             "1048576 MB, most free 8192 MB), 1 node "
+                             "without the required labels, 1 node "
+                             "draining, 1 node down");
+}
+
 /* ---- Against the real FSM ---------------------------------------------- */
 
 static int
@@ -394,6 +433,7 @@ main(void)
         cmocka_unit_test(test_reservations),
         cmocka_unit_test(test_why),
         cmocka_unit_test(test_bad_requests),
+        cmocka_unit_test(test_trace),
         cmocka_unit_test(test_fill_real_fsm),
     };
 
