@@ -485,6 +485,15 @@ link_on_msg(struct pd_conn *c, const struct pd_msg *m)
                           "agent", pd_conn_peer_role(c));
             return;
         }
+        /* The CA signs schedulers too: only an OU=agent certificate may
+         * answer at an agent's address. */
+        if (l->pool != NULL && l->pool->s->rpc_client_tls != NULL &&
+            !pd_conn_peer_has_ou(c, "agent")) {
+            pd_warn(l->subject, "peer certificate is not OU=agent, "
+                    "closing");
+            pd_conn_close(c, -EPERM, "peer certificate is not OU=agent");
+            return;
+        }
         l->ready = true;
         uv_timer_stop(&l->timer);
         uv_timer_start(&l->ping, on_ping_timer, PING_MS, PING_MS);
