@@ -843,6 +843,37 @@ sched_auth_request(struct sched *s, struct pd_http_req *r,
     return 0;
 }
 
+int
+sched_auth_node_token(struct sched *s, const char *token, const char *node,
+                      char *why, size_t whylen)
+{
+    struct pd_jwt_keyset *ks = sched_auth_keyset(s);
+    struct pd_jwt_claims cl;
+    int rc;
+
+    if (ks == NULL) {
+        snprintf(why, whylen, "the cluster has no signing key yet");
+        return -EAGAIN;
+    }
+    rc = pd_jwt_verify(ks, token, (int64_t)(pd_wall_ms() / 1000), &cl);
+    if (rc != 0) {
+        snprintf(why, whylen, "join token refused: %s",
+                 refusal_message(rc));
+        return rc;
+    }
+    if (cl.role != PD_JWT_ROLE_NODE || cl.sandbox[0] != '\0') {
+        snprintf(why, whylen, "join token refused: role %s is not node",
+                 pd_jwt_role_name(cl.role));
+        return -EPERM;
+    }
+    if (node == NULL || strcmp(cl.sub, node) != 0) {
+        snprintf(why, whylen, "join token refused: it is for node %s",
+                 cl.sub);
+        return -EPERM;
+    }
+    return 0;
+}
+
 bool
 sched_auth_owns(const struct sched_principal *p, const char *tenant)
 {

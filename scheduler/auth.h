@@ -76,6 +76,15 @@ int sched_read_json(struct pd_http_req *r, size_t max,
                     const struct pd_json_field *fields, size_t n,
                     pd_http_json_cb cb, void (*fail)(void *arg), void *arg);
 
+/*
+ * Checks an agent's join token (role node, sub the node id, the usual
+ * signature, time and revocation checks) for nodes.c's registration.
+ * 0, or a negative errno with a reason for the agent in why. Mint one with
+ * POST /v1/tokens {"tenant": NODE_ID, "role": "node"}.
+ */
+int sched_auth_node_token(struct sched *s, const char *token,
+                          const char *node, char *why, size_t whylen);
+
 /* Maps a principal's role to its name ("admin", "tenant", "node"). */
 const char *sched_role_name(enum sched_role role);
 

@@ -637,6 +637,33 @@ test_rate_limit(void **state)
     free(u);
 }
 
+/* An agent's join token: role node, for that node only. */
+static void
+test_node_token(void **state)
+{
+    char why[256];
+    char *node = mint("n7", PD_JWT_ROLE_NODE);
+    char *tenant = mint("n7", PD_JWT_ROLE_TENANT);
+    char *late = mint_with(ks, "n7", PD_JWT_ROLE_NODE, NULL, -7200, 60,
+                           true, NULL);
+
+    (void)state;
+    assert_int_equal(sched_auth_node_token(&S, node, "n7", why,
+                                           sizeof(why)), 0);
+    assert_int_equal(sched_auth_node_token(&S, node, "n8", why,
+                                           sizeof(why)), -EPERM);
+    assert_non_null(strstr(why, "for node n7"));
+    assert_int_equal(sched_auth_node_token(&S, tenant, "n7", why,
+                                           sizeof(why)), -EPERM);
+    assert_int_equal(sched_auth_node_token(&S, late, "n7", why,
+                                           sizeof(why)), -EKEYEXPIRED);
+    assert_int_equal(sched_auth_node_token(&S, "junk", "n7", why,
+                                           sizeof(why)), -EINVAL);
+    free(node);
+    free(tenant);
+    free(late);
+}
+
 static void
 test_owns(void **state)
 {
@@ -678,6 +705,7 @@ main(void)
         cmocka_unit_test(test_sandbox_scoped),
         cmocka_unit_test(test_sandbox_token_for_env),
         cmocka_unit_test(test_rate_limit),
+        cmocka_unit_test(test_node_token),
         cmocka_unit_test(test_owns),
     };
 
