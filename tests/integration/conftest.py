@@ -59,8 +59,36 @@ def wait_for(cond, timeout=30.0, what="condition", interval=0.05):
         time.sleep(interval)
 
 
+_given_ports = set()
+
+
 def free_port(host="127.0.0.1"):
-    """A TCP port that was free a moment ago on host."""
+    """A TCP port that was free a moment ago on host.
+
+    Chosen below the kernel's ephemeral range (ip_local_port_range), so
+    that the outgoing connections of the daemons already running cannot
+    take it between this call and the daemon's bind; never the same port
+    twice in one test run.
+    """
+    import random
+    lo = 20000
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            eph = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        eph = 32768
+    hi = max(lo + 1000, min(eph, 32768))
+    for _ in range(1000):
+        port = random.randrange(lo, hi)
+        if port in _given_ports:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _given_ports.add(port)
+        return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
