@@ -718,7 +718,12 @@ on_end(struct sched_areq *q, int status, const struct pd_msg *m, void *data)
     }
     if (m != NULL && pd_msg_str(m, "message", &why, &wl) != 0)
         why = NULL;
-    if (status == -ECONNREFUSED)
+    if (m == NULL)
+        /* The link to the agent broke (or never came up): not the
+         * guest's port, whatever the errno says. */
+        snprintf(msg, sizeof(msg), "the node of sandbox %s is unreachable: "
+                 "%s", t->sandbox, strerror(status < 0 ? -status : EIO));
+    else if (status == -ECONNREFUSED)
         snprintf(msg, sizeof(msg), "nothing is listening on port %u in "
                  "sandbox %s", t->port, t->sandbox);
     else if (status == -ENOENT)
