@@ -92,15 +92,26 @@ enum pd_msg_type {
                               disk_total, disk_used, uptime_ms, hostname} */
     PD_MSG_SHUTDOWN = 151, /* {} -> OK, then sync and poweroff */
 
-    /* Node agent RPC, sent by a scheduler, 200-299. */
+    /* Node agent RPC, sent by a scheduler, 200-299. (Node agent notes,
+     * additive: a "sandbox map" is {sandbox, state, reason, cpus,
+     * memory_mb, disk_mb, egress, created_ms, ready_ms, pid, accel,
+     * ports: [{port, host_port}]}; CREATE, STATUS and a create's wait
+     * answer with its fields at the top level of the OK. CREATE takes
+     * "wait": true to answer once running (or ERROR with the reason);
+     * the same id and spec again is idempotent, another spec EEXIST.) */
     PD_MSG_SANDBOX_CREATE = 200,  /* {sandbox, cpus, memory_mb, disk_mb, env,
-                                     egress, allow: [host]} -> OK {state} */
+                                     egress, allow: [host], wait}
+                                     -> OK {sandbox map} */
     PD_MSG_SANDBOX_DESTROY = 201, /* {sandbox} -> OK */
     PD_MSG_SANDBOX_STATUS = 202,  /* {sandbox} -> OK {sandbox map} */
     PD_MSG_SANDBOX_LIST = 203,    /* {} -> OK {sandboxes: [sandbox map]} */
-    PD_MSG_PORT_OPEN = 204,       /* {sandbox, port} -> OK {host_port} */
+    PD_MSG_PORT_OPEN = 204,       /* {sandbox, port} -> OK {host_port,
+                                     host: "127.0.0.1"} */
     PD_MSG_PORT_CLOSE = 205,      /* {sandbox, port} -> OK */
-    PD_MSG_AGENT_INFO = 206,      /* {} -> OK {node, capacity, allocated} */
+    PD_MSG_AGENT_INFO = 206,      /* {} -> OK {node, capacity, allocated,
+                                     memory_overhead_mb, sandboxes, accel,
+                                     cgroup, leader, registered,
+                                     egress_requests, egress_denied} */
     PD_MSG_TOKEN_REVOKE = 207,    /* {jti, exp} push of a revoked token */
 
     /* Node agent session with the leader, sent by the agent, 300-399. */
