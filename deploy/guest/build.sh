@@ -5,8 +5,8 @@
 #   out/initrd.img         initramfs: paddock-guest as /init, busybox-static
 #                          with its applet links, mke2fs with its libraries,
 #                          the virtio modules and their load order
-#   out/trivial-initrd.img initramfs whose /init powers off at once (the
-#                          benchmark's plain boot of the same kernel)
+#   out/trivial-initrd.img initramfs whose /init prints one line and powers
+#                          off (the benchmark's plain boot of the same kernel)
 #   out/versions.txt       every package version that went in
 #
 # Packages are fetched with `apt-get download` into a cache and unpacked with
@@ -237,14 +237,20 @@ pack "$ROOT" "$OUT/initrd.img"
 cp "$WORK/kernel/boot/vmlinuz-$kver" "$OUT/vmlinuz.tmp"
 mv "$OUT/vmlinuz.tmp" "$OUT/vmlinuz"
 
-# The trivial image: busybox alone, and an /init that powers off at once,
-# which ends QEMU and so times a bare boot. Not a reboot: -M microvm has no
-# reset device the kernel uses, so a rebooting guest spins instead.
+# The trivial image: busybox alone, and an /init that says it runs on the
+# serial console (the benchmark times that line) and powers off at once,
+# which ends QEMU. Not a reboot: -M microvm has no reset device the kernel
+# uses, so a rebooting guest spins instead.
 TRIV="$WORK/trivial"
 mkdir -p "$TRIV/bin" "$TRIV/dev" "$TRIV/proc"
 install -m 755 "$WORK/busybox/bin/busybox" "$TRIV/bin/busybox"
 ln -s busybox "$TRIV/bin/sh"
-printf '#!/bin/sh\n/bin/busybox poweroff -f\n' >"$TRIV/init"
+cat >"$TRIV/init" <<'EOF'
+#!/bin/sh
+/bin/busybox mount -t devtmpfs dev /dev
+echo "paddock-trivial: init runs" >/dev/ttyS0
+/bin/busybox poweroff -f
+EOF
 chmod 755 "$TRIV/init"
 pack "$TRIV" "$OUT/trivial-initrd.img"
 
