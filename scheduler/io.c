@@ -57,6 +57,7 @@
  * pieces made uploads several times slower than downloads. */
 #define UPLOAD_CHUNK PD_CHUNK_MAX
 #define UPLOAD_BUF_MAX (2 * UPLOAD_CHUNK) /* body held before pausing */
+#define GRANT_BATCH (PD_STREAM_WINDOW / 8)
 #define TIMEOUT_MAX_MS (24ull * 3600 * 1000)
 #define PATH_MAX_LEN 4095
 /* An idle event stream gets a comment this often: a client that went away
@@ -110,7 +111,7 @@ struct io {
     /* streamed responses */
     bool sse;
     uv_timer_t *keepalive;
-    uint64_t held;            /* bytes consumed, grant held for drain */
+    uint64_t held;            /* bytes consumed, not yet granted back */
     uint64_t size, sent;      /* file download */
 
     /* collected logs */
@@ -616,17 +617,23 @@ check_command(json_t *b, char *msg, size_t len)
 
 /* ---- reply callbacks -------------------------------------------------- */
 
-/* Grants consumed bytes now, or after the HTTP queue drained. */
+/*
+ * Grants consumed bytes back in batches of GRANT_BATCH (each WINDOW costs
+ * the guest a frame; holding less than an eighth of the window never
+ * stalls it), and not while the HTTP client is behind: io_drain grants
+ * once its queue drained.
+ */
 static void
 grant_or_hold(struct io *io, size_t n)
 {
-    if (io->q == NULL || n == 0)
+    if (io->q == NULL)
         return;
-    if (io->r != NULL && pd_http_queued(io->r) >= PD_HTTP_HIGH_WATER) {
-        io->held += n;
+    io->held += n;
+    if (io->held < GRANT_BATCH ||
+        (io->r != NULL && pd_http_queued(io->r) >= PD_HTTP_HIGH_WATER))
         return;
-    }
-    sched_areq_grant(io->q, n);
+    sched_areq_grant(io->q, io->held);
+    io->held = 0;
 }
 
 static void
