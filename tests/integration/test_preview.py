@@ -517,3 +517,20 @@ def test_destroy_unexposes_everything(cl):
         wait_for(lambda: pget(s, host)[0] == 404, 10,
                  "scheduler %d to refuse the destroyed sandbox's URL"
                  % s["id"])
+
+
+def test_lost_sandbox_is_placed_again_by_a_preview_request(cl):
+    """The node of pva goes away; the next preview request places pva
+    again on the other node and reaches its fresh VM (no server there yet:
+    502, from the new VM, not a hang)."""
+    old = cl.api("GET", "/v1/sandboxes/pva")[2]["node"]
+    agent = next(a for a in cl.agents if a["node"] == old)
+    agent["proc"].stop()
+    wait_for(lambda: cl.api("GET", "/v1/sandboxes/pva")[2]["state"] == "lost",
+             30, "pva to be lost with its node")
+    host = cl.hosts["pva"]["httpd"]
+    st, _h, body = pget(cl.follower(), host, "/index.html", timeout=120)
+    assert st == 502, (st, body)
+    assert "nothing is listening on port 8080" in body["error"]["message"]
+    sb = cl.api("GET", "/v1/sandboxes/pva")[2]
+    assert sb["state"] == "running" and sb["node"] != old, sb
