@@ -895,3 +895,23 @@ def test_destroy_powers_off_cleanly_and_removes_everything(agent, vms):
     assert "q1: no clean poweroff" not in agent.log()
     for d in cgroups:
         assert not os.path.exists(d), d
+
+
+def test_stop_vms_on_exit_takes_the_vms_along(agent, vms):
+    """deploy/local-cluster's `stop`: SIGTERM with stop_vms_on_exit."""
+    st = agent.status("al")
+    assert st["state"] == "running"
+    agent.proc.stop()
+    agent.start("--stop_vms_on_exit", "true")
+    wait_for(lambda: agent.status("al")["state"] == "running", 30,
+             "al re-adopted")
+    t0 = time.monotonic()
+    rc = agent.proc.stop(timeout=30)
+    assert rc == 0, (rc, agent.proc.log()[-3000:])
+    assert time.monotonic() - t0 < 20
+    assert not alive(st["pid"])
+    assert qemu_pids_under(agent.data) == []
+    assert os.listdir(os.path.join(agent.data, "vm")) == []
+    # Nothing left to adopt.
+    agent.start()
+    assert agent.ok("SANDBOX_LIST")["sandboxes"] == []
