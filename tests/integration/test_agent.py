@@ -915,3 +915,24 @@ def test_stop_vms_on_exit_takes_the_vms_along(agent, vms):
     # Nothing left to adopt.
     agent.start()
     assert agent.ok("SANDBOX_LIST")["sandboxes"] == []
+
+
+def test_out_of_memory_is_the_reason(agent):
+    """A QEMU killed by its cgroup's OOM killer says so. A tiny overhead
+    leaves QEMU no room beside the guest's memory."""
+    agent.proc.stop()
+    agent.start("--memory_overhead", "8M")
+    try:
+        rc, frames = agent.call("SANDBOX_CREATE", sandbox="oom", cpus=1,
+                                memory_mb=256, disk_mb=16, wait=True)
+        if rc == 0:  # came up: make the guest touch its memory
+            agent.call("EXEC", sandbox="oom", timeout=60, timeout_ms=30000,
+                       command="head -c 200m /dev/zero > /tmp/fill")
+        st = wait_for(lambda: (lambda s: s if s["state"] == "failed"
+                               else None)(agent.status("oom")), 60,
+                      "the OOM kill")
+        assert "out of memory" in st["reason"], st
+    finally:
+        agent.call("SANDBOX_DESTROY", sandbox="oom", timeout=60)
+        agent.proc.stop()
+        agent.start()
