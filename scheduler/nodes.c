@@ -456,10 +456,14 @@ destroy_answered(struct sess *ss, const struct pd_msg *m)
 
 /*
  * Decides about one sandbox the agent holds. ss is registered and this
- * member leads.
+ * member leads. live: a SANDBOX_STATE as it happens, not an entry of a
+ * list that may predate a request in flight; while lifecycle.c works on
+ * the sandbox, only such a live report of progress (starting, running)
+ * is committed, so the FSM shows a VM booting as starting. Anything
+ * else then could be the old VM that a re-placement is clearing away.
  */
 static void
-judge_report(struct sess *ss, const struct report *r)
+judge_report(struct sess *ss, const struct report *r, bool live)
 {
     struct sched *s = ss->n->s;
     struct fsm_sandbox row;
@@ -487,7 +491,9 @@ judge_report(struct sess *ss, const struct report *r)
                                    "its next use)"
                                  : "it is stopped");
     } else if (r->state >= 0 && r->state != row.state &&
-               !sched_lifecycle_busy(s, r->id)) {
+               (!sched_lifecycle_busy(s, r->id) ||
+                (live && (r->state == FSM_SB_STARTING ||
+                          r->state == FSM_SB_RUNNING)))) {
         propose_state(ss->n, &row, ss->node, r->state, r->reason);
     }
     fsm_sandbox_clear(&row);
@@ -514,7 +520,7 @@ on_state_report(struct sess *ss, const struct pd_msg *m)
                  "ignoring", ss->node, r.id, state);
         return;
     }
-    judge_report(ss, &r);
+    judge_report(ss, &r, true);
 }
 
 /* The agent's sandboxes: an array of maps {sandbox, state, reason}. */
@@ -578,7 +584,7 @@ reconcile(struct sess *ss, const struct report *r, size_t n)
     if (!ss->registered || !is_leader(s))
         return;
     for (size_t i = 0; i < n; i++)
-        judge_report(ss, &r[i]);
+        judge_report(ss, &r[i], false);
 
     if (fsm_sandbox_list(s->fsm, &flt, &rows, &nrows) != 0)
         return;

@@ -142,6 +142,24 @@ def test_create_on_a_follower_runs_and_is_idempotent(cluster):
     assert st == 409 and other["error"]["code"] == "conflict", other
 
 
+def test_a_booting_sandbox_shows_starting_then_running(cluster):
+    st, _h, body = cluster.api("POST", "/v1/sandboxes", {
+        "id": "sb-b", "cpus": 1, "memory_mb": 128, "disk_mb": 64})
+    assert st in (200, 201, 202), body
+    assert body["state"] in ("pending", "starting"), body
+    seen = []
+
+    def running():
+        sb = sandbox(cluster, "sb-b")
+        if sb and (not seen or seen[-1] != sb["state"]):
+            seen.append(sb["state"])
+        return sb and sb["state"] == "running"
+    wait_for(running, 120, "sb-b running", interval=0.05)
+    assert "starting" in seen, seen
+    st, _h, body = cluster.api("DELETE", "/v1/sandboxes/sb-b", timeout=60)
+    assert st in (200, 202, 204), body
+
+
 def test_drain_keeps_sandboxes_and_refuses_new_ones(cluster):
     for n in (cluster.n1, cluster.n2):
         st, _h, body = cluster.api("POST", "/v1/nodes/%s/drain" % n, {})
