@@ -36,7 +36,8 @@ on_inject_done(void *arg, int err, const char *resp, size_t len)
     x->done = true;
     x->err = err;
     x->resp = malloc(len + 1);
-    memcpy(x->resp, resp, len);
+    if (len > 0) /* resp may be NULL when there is nothing */
+        memcpy(x->resp, resp, len);
     x->resp[len] = '\0';
     x->len = len;
 }
