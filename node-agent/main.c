@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "common/config.h"
@@ -410,6 +411,103 @@ absolute(char **path)
     return 0;
 }
 
+/* Becomes QEMU's user (in a child process that is about to run QEMU). */
+static int
+become_qemu_user(const struct agent *a)
+{
+    if (!a->drop_privileges)
+        return 0;
+    if (setgroups(0, NULL) != 0 || setgid(a->qemu_gid) != 0 ||
+        setuid(a->qemu_uid) != 0)
+        return -errno;
+    return 0;
+}
+
+/* True when QEMU's user can open /dev/kvm (tried in a child). */
+static bool
+kvm_opens_as_qemu_user(const struct agent *a)
+{
+    int status;
+    pid_t pid = fork();
+
+    if (pid == 0) {
+        int fd;
+
+        if (become_qemu_user(a) != 0)
+            _exit(1);
+        fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+        _exit(fd >= 0 ? 0 : 1);
+    }
+    if (pid < 0)
+        return false;
+    while (waitpid(pid, &status, 0) < 0)
+        if (errno != EINTR)
+            return false;
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+/*
+ * Runs qemu.c's KVM probe as QEMU's user, in a child: the VMs will run as
+ * that user, so KVM counts only if that user can use /dev/kvm (here it is
+ * root's alone, mode 0600), and the probe's QEMU should not run as root
+ * either. The probe's files go to data_dir/probe, owned by that user.
+ */
+static void
+probe_as_qemu_user(struct agent *a, enum agent_accel *acc, char *why,
+                   size_t whylen)
+{
+    struct {
+        int acc;
+        char why[480];
+    } r = {AGENT_ACCEL_TCG, ""};
+    char dir[PATH_MAX];
+    int pfd[2], status;
+    ssize_t n = 0;
+    pid_t pid;
+
+    snprintf(dir, sizeof(dir), "%s/probe", a->cfg.data_dir);
+    pd_rm_rf(dir);
+    if (mkdir(dir, 0700) != 0 ||
+        (a->drop_privileges && chown(dir, a->qemu_uid, a->qemu_gid) != 0) ||
+        pipe2(pfd, O_CLOEXEC) != 0) {
+        snprintf(why, whylen, "tcg: probe not run: %s", strerror(errno));
+        *acc = AGENT_ACCEL_TCG;
+        return;
+    }
+    pid = fork();
+    if (pid == 0) {
+        enum agent_accel out = AGENT_ACCEL_TCG;
+
+        close(pfd[0]);
+        if (become_qemu_user(a) != 0)
+            snprintf(r.why, sizeof(r.why), "tcg: cannot become uid %d",
+                     (int)a->qemu_uid);
+        else
+            agent_qemu_probe(a->cfg.qemu_binary, a->cfg.kernel,
+                             a->cfg.initrd, dir,
+                             (unsigned)a->cfg.kvm_probe_timeout_ms, &out,
+                             r.why, sizeof(r.why));
+        r.acc = (int)out;
+        _exit(write(pfd[1], &r, sizeof(r)) == (ssize_t)sizeof(r) ? 0 : 1);
+    }
+    close(pfd[1]);
+    if (pid > 0) {
+        while ((n = read(pfd[0], &r, sizeof(r))) < 0 && errno == EINTR)
+            ;
+        while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+            ;
+    }
+    close(pfd[0]);
+    if (pid < 0 || n != (ssize_t)sizeof(r)) {
+        snprintf(why, whylen, "tcg: the probe process failed");
+        *acc = AGENT_ACCEL_TCG;
+        return;
+    }
+    r.why[sizeof(r.why) - 1] = '\0';
+    *acc = r.acc == AGENT_ACCEL_KVM ? AGENT_ACCEL_KVM : AGENT_ACCEL_TCG;
+    snprintf(why, whylen, "%s", r.why);
+}
+
 /*
  * The accelerator, once for the agent's life. accel=auto boots the guest
  * image under KVM (qemu.c's probe) because /dev/kvm can exist and still
@@ -429,9 +527,9 @@ choose_accel(struct agent *a, char *err, size_t errlen)
         return 0;
     }
     if (strcmp(a->cfg.accel, "kvm") == 0) {
-        if (access("/dev/kvm", R_OK | W_OK) != 0) {
-            snprintf(err, errlen, "accel kvm: /dev/kvm: %s",
-                     strerror(errno));
+        if (!kvm_opens_as_qemu_user(a)) {
+            snprintf(err, errlen, "accel kvm: /dev/kvm is not usable by "
+                     "uid %d", (int)a->qemu_uid);
             return -ENODEV;
         }
         a->accel = "kvm";
@@ -439,16 +537,16 @@ choose_accel(struct agent *a, char *err, size_t errlen)
         return 0;
     }
     t0 = pd_now_ms();
-    agent_qemu_probe(a->cfg.qemu_binary, a->cfg.kernel, a->cfg.initrd,
-                     a->cfg.data_dir, (unsigned)a->cfg.kvm_probe_timeout_ms,
-                     &acc, why, sizeof(why));
+    probe_as_qemu_user(a, &acc, why, sizeof(why));
     a->accel = acc == AGENT_ACCEL_KVM ? "kvm" : "tcg";
     if (acc == AGENT_ACCEL_KVM)
-        pd_info("agent", "accel kvm: probe %s", why);
+        pd_info("agent", "accel kvm: probe as uid %d %s", (int)a->qemu_uid,
+                why);
     else
-        pd_warn("agent", "accel tcg after a %llu ms probe: %s; VMs run "
-                "emulated, much slower",
-                (unsigned long long)(pd_now_ms() - t0), why);
+        pd_warn("agent", "accel tcg after a %llu ms probe as uid %d: %s; "
+                "VMs run emulated, much slower",
+                (unsigned long long)(pd_now_ms() - t0), (int)a->qemu_uid,
+                why);
     return 0;
 }
 
