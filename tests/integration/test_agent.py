@@ -952,3 +952,26 @@ def test_out_of_memory_is_the_reason(agent):
         agent.call("SANDBOX_DESTROY", sandbox="oom", timeout=60)
         agent.proc.stop()
         agent.start()
+
+
+def test_accel_auto_probes_and_says_why(agent, module_procs, module_workdir):
+    """accel=auto decides by a probe and logs which and why."""
+    d = os.path.join(module_workdir, "auto")
+    port = free_port()
+    argv = [a for a in agent.base]
+    argv[argv.index("--accel") + 1] = "auto"
+    argv[argv.index("--data_dir") + 1] = d
+    argv[argv.index("--rpc_listen") + 1] = "127.0.0.1:%d" % port
+    argv[argv.index("--node_id") + 1] = NODE + "-auto"
+    p = module_procs.start("agent-auto", argv)
+    try:
+        wait_for(lambda: port_open(port) or not p.alive(), 60, "auto agent")
+        assert p.alive(), p.log()[-2000:]
+        log = p.log()
+        line = [l for l in log.splitlines() if "agent: accel " in l]
+        assert line and ("probe" in line[0]), log[-2000:]
+        chosen = "kvm" if "accel kvm" in line[0] else "tcg"
+        assert ("node %s-auto" % NODE) in log and \
+            ("accel %s" % chosen) in log
+    finally:
+        assert p.stop() == 0
