@@ -70,7 +70,9 @@ enum pd_msg_type {
                                  exit_code, signal, started_ms, ended_ms,
                                  argv} */
     PD_MSG_PROC_LOGS = 113,   /* {proc, follow: bool} -> STDOUT/STDERR
-                                 frames, then OK (ended or not following) */
+                                 frames, then OK {skipped} (ended or not
+                                 following; skipped: bytes the bounded
+                                 ring dropped before they were sent) */
     PD_MSG_PROC_SIGNAL = 114, /* {proc, signal: int} -> OK */
     PD_MSG_PROC_WAIT_PORT = 115, /* {port, timeout_ms} -> OK or ERROR */
 
