@@ -64,6 +64,10 @@ on_handle_closed(uv_handle_t *h)
 
 static void
 vclose(struct pd_conn *c, int reason, const char *fmt, va_list ap)
+    __attribute__((format(printf, 3, 0)));
+
+static void
+vclose(struct pd_conn *c, int reason, const char *fmt, va_list ap)
 {
     if (c->closing)
         return;
