@@ -9,6 +9,7 @@
 
 #include "common/log.h"
 #include "common/util.h"
+#include "raft/transport_tls.h"
 
 struct raftnode {
     uv_loop_t *loop;
@@ -17,6 +18,7 @@ struct raftnode {
     struct raft_uv_transport transport;
     struct raft raft;
     bool io_ready, transport_ready, raft_ready, started;
+    bool tls; /* transport is raft/transport_tls.c, not raft_uv_tcp */
 
     char dir[4096];
     char address[FSM_ADDR_MAX + 1];
@@ -183,13 +185,22 @@ init_raft(struct raftnode *n, const struct raftnode_config *cfg)
 {
     int rv;
 
-    rv = raft_uv_tcp_init(&n->transport, n->loop);
-    if (rv != 0) {
-        set_err(n, "raft transport: %s", raft_strerror(rv));
-        return -EIO;
+    if (cfg->tls_server != NULL || cfg->tls_client != NULL) {
+        rv = rtls_init(&n->transport, n->loop, cfg->tls_server,
+                       cfg->tls_client, cfg->bind_address,
+                       cfg->tls_handshake_ms, n->err, sizeof(n->err));
+        if (rv != 0)
+            return rv;
+        n->tls = n->transport_ready = true;
+    } else {
+        rv = raft_uv_tcp_init(&n->transport, n->loop);
+        if (rv != 0) {
+            set_err(n, "raft transport: %s", raft_strerror(rv));
+            return -EIO;
+        }
+        n->transport_ready = true;
     }
-    n->transport_ready = true;
-    if (cfg->bind_address != NULL) {
+    if (cfg->bind_address != NULL && !n->tls) {
         rv = raft_uv_tcp_set_bind_address(&n->transport, cfg->bind_address);
         if (rv != 0) {
             set_err(n, "raft bind address %s: %s", cfg->bind_address,
@@ -230,6 +241,15 @@ init_raft(struct raftnode *n, const struct raftnode_config *cfg)
 }
 
 static void
+close_transport(struct raftnode *n)
+{
+    if (n->tls)
+        rtls_close(&n->transport);
+    else
+        raft_uv_tcp_close(&n->transport);
+}
+
+static void
 free_node(struct raftnode *n)
 {
     free(n->bootstrap);
@@ -264,7 +284,7 @@ raftnode_new(struct raftnode **out, uv_loop_t *loop, struct fsm *fsm,
         if (n->io_ready)
             raft_uv_close(&n->io);
         if (n->transport_ready)
-            raft_uv_tcp_close(&n->transport);
+            close_transport(n);
         free_node(n);
         return rv;
     }
@@ -622,7 +642,7 @@ raft_closed(struct raft *r)
     /* Order matters: raft_close has closed the I/O; now free it, then
      * the transport it used. */
     raft_uv_close(&n->io);
-    raft_uv_tcp_close(&n->transport);
+    close_transport(n);
     uv_close((uv_handle_t *)&n->poll, handle_closed);
     uv_close((uv_handle_t *)&n->defer, handle_closed);
 }

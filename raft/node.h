@@ -30,6 +30,7 @@
 #ifndef PD_RAFT_NODE_H
 #define PD_RAFT_NODE_H
 
+#include <openssl/ssl.h>
 #include <raft.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -79,6 +80,16 @@ struct raftnode_config {
     void (*on_state)(struct raftnode *n, int old_state, int new_state,
                      void *data);
     void *data;
+    /*
+     * Mutual TLS between members (raft/transport_tls.h): with both
+     * contexts set, Raft traffic is encrypted and only peers with a
+     * cluster-CA certificate of OU=scheduler are accepted. NULL (the
+     * default): raft's plaintext TCP transport. Borrowed; they must
+     * outlive the node.
+     */
+    SSL_CTX *tls_server;
+    SSL_CTX *tls_client;
+    unsigned tls_handshake_ms; /* 0: RTLS_HANDSHAKE_MS */
 };
 
 /*
