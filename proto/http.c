@@ -2320,12 +2320,14 @@ pd_http_sse_event(struct pd_http_req *r, const char *event, const char *data,
                   size_t len)
 {
     const char *p = data, *end = data + len;
-    size_t cap = len + 64, n = 0, i;
+    size_t cap, n = 0, i;
     char *buf;
     int rv;
 
     if (event != NULL && (!token_ok(event, true) || strlen(event) > 64))
         return -EINVAL;
+    /* The event line, then "data: " and a newline per line of data. */
+    cap = len + 64 + (event != NULL ? strlen(event) : 0);
     if (memchr(data, '\r', len) != NULL)
         return -EINVAL; /* a CR would end an SSE line early */
     for (i = 0; i < len; i++)

@@ -238,6 +238,10 @@ h_sse(struct pd_http_req *r, const struct pd_http_params *p, void *arg)
     pd_http_sse_event(r, "stdout", "one\ntwo", 7);
     pd_http_sse_comment(r, "ping");
     pd_http_sse_event(r, "exit", "{\"exit_code\":3}", 15);
+    /* The longest event name with short data (found by fuzz_http: the
+     * buffer once left no room for the name). */
+    pd_http_sse_event(r, "e234567890123456789012345678901234567890123456789"
+                      "012345678901234", "x", 1);
     pd_http_end(r);
 }
 
@@ -1222,7 +1226,9 @@ test_curl_sse(void **state)
                         "event: start\ndata: {}\n\n"
                         "event: stdout\ndata: one\ndata: two\n\n"
                         ": ping\n\n"
-                        "event: exit\ndata: {\"exit_code\":3}\n\n");
+                        "event: exit\ndata: {\"exit_code\":3}\n\n"
+                        "event: e2345678901234567890123456789012345678901"
+                        "23456789012345678901234\ndata: x\n\n");
     curl_easy_cleanup(h);
     free(s.data);
 }
