@@ -884,12 +884,35 @@ def test_session_with_a_leader(agent, vms, pki):
         m = w.recv_until(lambda m: m.get("id") == 901 and
                          m["t"] in (EXIT, ERROR))
         assert m["t"] == EXIT and m["stdout"] == b"via-session\n"
+        # A follower's redirect: the agent registers with the leader named.
+        lsock2 = socket.socket()
+        lsock2.bind(("127.0.0.1", 0))
+        lsock2.listen(4)
+        lsock2.settimeout(30)
+        w.send(frame(302, 0, leader_addr="127.0.0.1:%d" %
+                     lsock2.getsockname()[1]))
+        assert w.closed_by_peer(10)
+        w.close()
+        conn, _ = lsock2.accept()
+        lsock2.close()
+        w = Wire(ctx.wrap_socket(conn, server_side=True))
+        assert w.recv()["t"] == HELLO
+        w.send(frame(HELLO, 0, v=1, role="scheduler", name="leader-2"))
+        reg = w.recv_until(lambda m: m["t"] == NODE_REGISTER)
+        assert reg["node"] == NODE
+        w.send(frame(OK, reg["id"], heartbeat_ms=100))
         # A destroy through the RPC port is reported on the session.
         agent.ok("SANDBOX_DESTROY", sandbox="ea")
         seen = []
-        w.recv_until(lambda m: m["t"] == SANDBOX_STATE and m["sandbox"] ==
-                     "ea" and (seen.append(m["state"]) or
-                               m["state"] == "stopped"), 60)
+
+        def leader(m):
+            """Answers heartbeats; true at the report of "stopped"."""
+            if m["t"] == NODE_HEARTBEAT:
+                w.send(frame(OK, m["id"]))
+            if m["t"] == SANDBOX_STATE and m["sandbox"] == "ea":
+                seen.append(m["state"])
+            return seen[-1:] == ["stopped"]
+        w.recv_until(leader, 60)
         assert "stopping" in seen
         w.close()
     finally:
