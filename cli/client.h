@@ -21,6 +21,7 @@ enum {
     EXIT_SERVER = 5,      /* 5xx, or a response paddock cannot read */
     EXIT_LOCAL = 6,       /* a local file could not be read or written */
     EXIT_AUTH = 7,        /* 401/403: missing, bad, revoked token */
+    EXIT_TIMEOUT = 8,     /* a create's wait ended before the boot did */
     EXIT_EXEC_FAILED = 125, /* exec/sh: paddock itself failed */
 };
 

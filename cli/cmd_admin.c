@@ -118,6 +118,7 @@ token_ls(struct cli *c, const char *tenant)
     char *path = tenant != NULL ? cli_path("/v1/tokens?tenant=%s", tenant)
                                 : strdup("/v1/tokens");
     size_t i;
+    uint64_t now;
     int rv = cli_json(c, "GET", path, NULL, &resp);
 
     free(path);
@@ -129,6 +130,7 @@ token_ls(struct cli *c, const char *tenant)
         return EXIT_OK;
     }
     items = list_items(resp, "tokens");
+    now = pd_wall_ms();
     table_init(&t, 5, head);
     json_array_foreach(items, i, tk) {
         char jti[128], ten[128], role[16], exp[64], rev[16];
@@ -137,8 +139,9 @@ token_ls(struct cli *c, const char *tenant)
         json_text(tk, "jti", jti, sizeof(jti));
         json_text(tk, "tenant", ten, sizeof(ten));
         json_text(tk, "role", role, sizeof(role));
-        json_text(tk, "expires_at", exp, sizeof(exp));
-        json_text(tk, "revoked", rev, sizeof(rev));
+        fmt_until(json_object_get(tk, "expires_at"), now, exp, sizeof(exp));
+        snprintf(rev, sizeof(rev), "%s",
+                 json_is_true(json_object_get(tk, "revoked")) ? "yes" : "no");
         table_add(&t, cells);
     }
     table_print(&t, stdout);

@@ -167,7 +167,35 @@ finish_json(struct stream *s)
     return rv;
 }
 
-/* Streams events from path; for exec the result is the command's code. */
+/* Buffered logs (no follow): the output, and 0 whatever the process's
+ * code, since the process may still be running. */
+static int
+finish_logs(struct stream *s)
+{
+    json_t *j = json_loadb(s->json_buf != NULL ? s->json_buf : "", s->json_len,
+                           0, NULL);
+    const json_t *o = json_object_get(j, "stdout");
+    const json_t *e = json_object_get(j, "stderr");
+
+    if (j == NULL) {
+        write_all(1, s->json_buf, s->json_len);
+        return EXIT_OK;
+    }
+    if (json_is_string(o))
+        write_all(1, json_string_value(o), json_string_length(o));
+    if (json_is_string(e))
+        write_all(2, json_string_value(e), json_string_length(e));
+    if (json_is_true(json_object_get(j, "truncated")))
+        cli_errorf("output was truncated by the sandbox's cap");
+    json_decref(j);
+    return EXIT_OK;
+}
+
+/*
+ * Streams events from path. With is_exec (exec, sh, logs -f) the result
+ * is the command's own exit code and paddock's failures are 125, so the
+ * two never mix; otherwise paddock's usual exit codes.
+ */
 static int
 run_stream(struct cli *c, const char *method, const char *path,
            json_t *body, bool is_exec)
@@ -185,13 +213,13 @@ run_stream(struct cli *c, const char *method, const char *path,
     fflush(stdout);
     if (rv == EXIT_OK) {
         if (s.not_sse)
-            rv = finish_json(&s);
+            rv = is_exec ? finish_json(&s) : finish_logs(&s);
         else if (s.failed)
             rv = is_exec ? EXIT_EXEC_FAILED : EXIT_SERVER;
         else if (s.exited)
             rv = is_exec ? s.exit_code : EXIT_OK;
         else if (is_exec) {
-            cli_errorf("the output stream ended before the command "
+            cli_errorf("the output stream ended before the process "
                        "exited");
             rv = EXIT_EXEC_FAILED;
         }
@@ -276,6 +304,7 @@ proc_row(struct table *t, const json_t *p, uint64_t now)
     char id[80], pid[24], state[16], code[16], cmd[512], age[16];
     const json_t *argv = json_object_get(p, "argv");
     const json_t *running = json_object_get(p, "running");
+    const json_t *sig = json_object_get(p, "signal");
     const char *cells[6];
 
     json_text(p, "id", id, sizeof(id));
@@ -285,6 +314,11 @@ proc_row(struct table *t, const json_t *p, uint64_t now)
                                              ? "exited"
                                              : "-");
     json_text(p, "exit_code", code, sizeof(code));
+    if (json_is_integer(sig) && json_integer_value(sig) > 0 &&
+        json_integer_value(sig) < 64 &&
+        sigabbrev_np((int)json_integer_value(sig)) != NULL)
+        snprintf(code, sizeof(code), "SIG%s",
+                 sigabbrev_np((int)json_integer_value(sig)));
     if (json_is_array(argv)) {
         size_t i, n = 0;
         json_t *x;
@@ -390,12 +424,21 @@ cmd_logs(struct cli *c, int argc, char **argv)
     char *path;
     int rv;
 
-    if (cli_args_parse(argc, argv, opts, 1, &a, err, sizeof(err)) < 0)
-        return usage_error("%s", err);
-    if (a.npos != 2)
-        return usage_error("usage: paddock logs ID PROC [-f]");
-    if (!pd_id_valid(a.pos[0]))
-        return usage_error("bad sandbox id '%s'", a.pos[0]);
+    bool follow;
+
+    /* With -f paddock waits for the process, so it exits like exec: with
+     * the process's code, or 125 when paddock itself failed. */
+    if (cli_args_parse(argc, argv, opts, 1, &a, err, sizeof(err)) < 0 ||
+        a.npos != 2) {
+        usage_error("%s", a.npos != 2 ? "usage: paddock logs ID PROC [-f]"
+                                      : err);
+        return a.set[0] ? EXIT_EXEC_FAILED : EXIT_USAGE;
+    }
+    follow = a.set[0];
+    if (!pd_id_valid(a.pos[0])) {
+        usage_error("bad sandbox id '%s'", a.pos[0]);
+        return follow ? EXIT_EXEC_FAILED : EXIT_USAGE;
+    }
     path = cli_path(a.set[0] ? "/v1/sandboxes/%s/processes/%s/logs"
                                "?follow=true"
                              : "/v1/sandboxes/%s/processes/%s/logs",
@@ -408,7 +451,7 @@ cmd_logs(struct cli *c, int argc, char **argv)
             print_json(resp);
         json_decref(resp);
     } else {
-        rv = run_stream(c, "GET", path, NULL, false);
+        rv = run_stream(c, "GET", path, NULL, follow);
     }
     free(path);
     return rv;

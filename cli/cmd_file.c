@@ -188,6 +188,7 @@ ls(struct cli *c, const char *id, const char *path, bool recursive)
         json_text(e, "name", name, sizeof(name));
         table_add(&t, cells);
     }
+    table_sort(&t, 4); /* the guest lists in directory order, as ls does not */
     table_print(&t, stdout);
     table_free(&t);
     json_decref(resp);

@@ -88,9 +88,10 @@ sandbox_row(struct table *t, const json_t *s, uint64_t now)
     table_add(t, cells);
 }
 
-/* One line for a sandbox that was just created or fetched. */
+/* One line for a sandbox that was just created: where it runs, and how
+ * long the create took when it waited for the boot (elapsed_ms > 0). */
 static void
-sandbox_summary(const json_t *s)
+sandbox_summary(const json_t *s, uint64_t elapsed_ms)
 {
     char id[80], state[32], node[80], reason[256];
 
@@ -101,9 +102,31 @@ sandbox_summary(const json_t *s)
     printf("sandbox %s: %s", id, state);
     if (strcmp(node, "-") != 0)
         printf(" on node %s", node);
+    if (elapsed_ms > 0)
+        printf(" after %.1fs", (double)elapsed_ms / 1000);
     if (strcmp(reason, "-") != 0)
         printf(" (%s)", reason);
     putchar('\n');
+}
+
+/*
+ * The exit code of a create from the sandbox it answered: a failed one is
+ * a server-side failure; one still pending or starting after a wait means
+ * the wait ran out first (the scheduler answers with the row as it is).
+ */
+int
+sandbox_create_exit(const json_t *s, bool waited)
+{
+    const char *st = json_string_value(json_object_get(s, "state"));
+
+    if (st == NULL)
+        return EXIT_OK;
+    if (strcmp(st, "failed") == 0)
+        return EXIT_SERVER;
+    if (waited && (strcmp(st, "pending") == 0 ||
+                   strcmp(st, "starting") == 0))
+        return EXIT_TIMEOUT;
+    return EXIT_OK;
 }
 
 static int
@@ -115,17 +138,28 @@ create(struct cli *c, int argc, char **argv)
     char *path = NULL;
     struct cli_call k = {.method = "POST"};
     json_error_t je;
+    const char *wait_to;
+    uint64_t wait_ms = CREATE_WAIT_DEFAULT_MS, started;
+    bool waited;
     int rv;
 
     if (cli_args_parse(argc, argv, create_opts, create_nopts, &a, err,
                        sizeof(err)) < 0 ||
         req_create(&a, &body, &path, err, sizeof(err)) != EXIT_OK)
         return usage_error("%s", err);
+    waited = !opt_set(&a, create_opts, create_nopts, "--no-wait");
+    wait_to = opt_val(&a, create_opts, create_nopts, "--wait-timeout");
+    if (wait_to != NULL)
+        pd_parse_duration_ms(wait_to, &wait_ms); /* checked by req_create */
     snprintf(label, sizeof(label), "creating sandbox %s", a.pos[0]);
     k.path = path;
     k.json = body;
     k.progress = label;
     k.wait_progress = true;
+    /* The scheduler ends the wait itself; this bounds a scheduler that
+     * never answers, with room for a leader change on the way. */
+    k.timeout_s = (long)(wait_ms / 1000) + 60;
+    started = pd_now_ms();
     rv = cli_do(c, &k);
     if (rv == EXIT_OK)
         rv = cli_check(c, &k);
@@ -138,12 +172,16 @@ create(struct cli *c, int argc, char **argv)
         } else if (c->json) {
             print_json(resp);
         } else if (!c->quiet) {
-            sandbox_summary(resp);
+            sandbox_summary(resp, waited ? pd_now_ms() - started : 0);
         }
-        if (resp != NULL && json_is_string(json_object_get(resp, "state")) &&
-            strcmp(json_string_value(json_object_get(resp, "state")),
-                   "failed") == 0)
-            rv = EXIT_SERVER;
+        if (resp != NULL)
+            rv = sandbox_create_exit(resp, waited);
+        if (rv == EXIT_TIMEOUT) {
+            fmt_duration(wait_ms, label, sizeof(label));
+            cli_errorf("sandbox %s is still booting after the %s wait; it "
+                       "goes on (see paddock sandbox get %s)", a.pos[0],
+                       label, a.pos[0]);
+        }
     }
     json_decref(resp);
     json_decref(body);

@@ -22,6 +22,10 @@ int cmd_node(struct cli *c, int argc, char **argv);
 int cmd_cluster(struct cli *c, int argc, char **argv);
 int cmd_health(struct cli *c, int argc, char **argv);
 
+/* sandbox create's exit code for the sandbox it answered (EXIT_SERVER
+ * for failed, EXIT_TIMEOUT for still booting after a wait). */
+int sandbox_create_exit(const json_t *s, bool waited);
+
 /* Shared by the commands. */
 void print_json(const json_t *j);
 int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

@@ -5,6 +5,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "common/util.h"
+
 /* ---- tables ---- */
 
 void
@@ -69,6 +71,31 @@ table_print(const struct table *t, FILE *f)
 }
 
 void
+table_sort(struct table *t, int col)
+{
+    int r, q, i;
+
+    if (col < 0 || col >= t->ncols)
+        return;
+    /* Insertion sort: stable, and tables are a screenful or so. */
+    for (r = 1; r < t->nrows; r++) {
+        for (q = r; q > 0; q--) {
+            char **a = t->cells + (q - 1) * t->ncols;
+            char **b = t->cells + q * t->ncols;
+
+            if (strcmp(a[col], b[col]) <= 0)
+                break;
+            for (i = 0; i < t->ncols; i++) {
+                char *x = a[i];
+
+                a[i] = b[i];
+                b[i] = x;
+            }
+        }
+    }
+}
+
+void
 table_free(struct table *t)
 {
     int i;
@@ -120,8 +147,11 @@ fmt_duration(uint64_t ms, char *buf, size_t len)
         snprintf(buf, len, "%llum", (unsigned long long)(ms / 60000));
     else if (ms < 48 * 3600000ull)
         snprintf(buf, len, "%lluh", (unsigned long long)(ms / 3600000));
-    else
+    else if (ms < 730 * 86400000ull)
         snprintf(buf, len, "%llud", (unsigned long long)(ms / 86400000));
+    else
+        snprintf(buf, len, "%lluy",
+                 (unsigned long long)(ms / (365 * 86400000ull)));
 }
 
 /* "2026-01-02T03:04:05Z" (fraction and offset ignored but Z/UTC). */
@@ -139,24 +169,87 @@ parse_rfc3339(const char *s, uint64_t *ms)
     return 0;
 }
 
-void
-fmt_age(const json_t *j, uint64_t now_ms, char *buf, size_t len)
+int
+json_time_ms(const json_t *j, uint64_t *ms)
 {
     uint64_t t;
 
-    if (json_is_integer(j)) {
+    if (json_is_integer(j) && json_integer_value(j) >= 0) {
         t = (uint64_t)json_integer_value(j);
-        /* Seconds or milliseconds since the epoch: tell them apart. */
+        /* Seconds or milliseconds since the epoch: tell them apart (ms
+         * values below this are before 1973, seconds after 5138). */
         if (t < 100000000000ull)
             t *= 1000;
-    } else if (json_is_string(j) &&
-               parse_rfc3339(json_string_value(j), &t) == 0) {
-        /* parsed */
-    } else {
+    } else if (!json_is_string(j) ||
+               parse_rfc3339(json_string_value(j), &t) != 0) {
+        return -EINVAL;
+    }
+    *ms = t;
+    return 0;
+}
+
+void
+fmt_age(const json_t *j, uint64_t now_ms, char *buf, size_t len)
+{
+    uint64_t t, d;
+
+    if (json_time_ms(j, &t) < 0) {
         snprintf(buf, len, "-");
         return;
     }
-    fmt_duration(now_ms > t ? now_ms - t : 0, buf, len);
+    /* An age is whole seconds: "850ms" old reads as noise in a table. */
+    d = now_ms > t ? now_ms - t : 0;
+    if (d < 1000)
+        snprintf(buf, len, "0s");
+    else
+        fmt_duration(d, buf, len);
+}
+
+void
+fmt_until(const json_t *j, uint64_t now_ms, char *buf, size_t len)
+{
+    uint64_t t;
+    char d[16];
+
+    if (json_time_ms(j, &t) < 0) {
+        snprintf(buf, len, "-");
+        return;
+    }
+    if (t > now_ms) {
+        /* Rounded up: a token with 500 ms left is not "in 0s". */
+        fmt_duration(t - now_ms < 1000 ? 1000 : t - now_ms, d, sizeof(d));
+        snprintf(buf, len, "in %s", d);
+    } else {
+        fmt_age(j, now_ms, d, sizeof(d));
+        snprintf(buf, len, "expired %s ago", d);
+    }
+}
+
+void
+fmt_time(const json_t *j, uint64_t now_ms, char *buf, size_t len)
+{
+    uint64_t t;
+    time_t secs;
+    struct tm tm;
+    char at[32], rel[16];
+
+    if (json_time_ms(j, &t) < 0) {
+        fmt_scalar(j, buf, len);
+        return;
+    }
+    secs = (time_t)(t / 1000);
+    if (gmtime_r(&secs, &tm) == NULL ||
+        strftime(at, sizeof(at), "%Y-%m-%d %H:%M:%S UTC", &tm) == 0) {
+        fmt_scalar(j, buf, len);
+        return;
+    }
+    if (t <= now_ms) {
+        fmt_age(j, now_ms, rel, sizeof(rel));
+        snprintf(buf, len, "%s (%s ago)", at, rel);
+    } else {
+        fmt_until(j, now_ms, rel, sizeof(rel));
+        snprintf(buf, len, "%s (%s)", at, rel);
+    }
 }
 
 void
@@ -190,6 +283,16 @@ fmt_scalar(const json_t *j, char *buf, size_t len)
     }
 }
 
+/* "created_at", "expires_at", ...: the API's timestamps by name. */
+static bool
+is_time_key(const char *k)
+{
+    size_t n = strlen(k);
+
+    return (n > 3 && strcmp(k + n - 3, "_at") == 0) ||
+           strcmp(k, "mtime") == 0;
+}
+
 void
 print_object(const json_t *o, FILE *f, int indent)
 {
@@ -203,7 +306,13 @@ print_object(const json_t *o, FILE *f, int indent)
             print_object(v, f, indent + 2);
             continue;
         }
-        fmt_scalar(v, buf, sizeof(buf));
+        if (is_time_key(k) && json_is_integer(v))
+            fmt_time(v, pd_wall_ms(), buf, sizeof(buf));
+        else if ((json_is_object(v) || json_is_array(v)) &&
+                 json_object_size(v) == 0 && json_array_size(v) == 0)
+            snprintf(buf, sizeof(buf), "-");
+        else
+            fmt_scalar(v, buf, sizeof(buf));
         fprintf(f, "%*s%s: %s\n", indent, "", k, buf);
     }
 }

@@ -28,6 +28,8 @@ void table_init(struct table *t, int ncols, const char *const *head);
 void table_add(struct table *t, const char *const *cells);
 /* Prints with two spaces between columns; the last column unpadded. */
 void table_print(const struct table *t, FILE *f);
+/* Orders the rows by one column's text (stable), e.g. names in file ls. */
+void table_sort(struct table *t, int col);
 void table_free(struct table *t);
 
 /* ---- formatting ---- */
@@ -41,9 +43,19 @@ void fmt_duration(uint64_t ms, char *buf, size_t len);
 /* Age of a timestamp (ms since the epoch, or an RFC 3339 string in j)
  * relative to now_ms; "-" when absent. */
 void fmt_age(const json_t *j, uint64_t now_ms, char *buf, size_t len);
+/* A timestamp (seconds or ms since the epoch, or RFC 3339) in ms; -EINVAL
+ * when j is none of these. */
+int json_time_ms(const json_t *j, uint64_t *ms);
+/* A deadline relative to now_ms: "in 59m", "expired 3h ago"; "-". */
+void fmt_until(const json_t *j, uint64_t now_ms, char *buf, size_t len);
+/* "2026-12-04 05:31:42 UTC (8s ago)" or "(in 59m)"; other JSON as
+ * fmt_scalar. */
+void fmt_time(const json_t *j, uint64_t now_ms, char *buf, size_t len);
 /* Any JSON scalar as text; "-" for null or absent. */
 void fmt_scalar(const json_t *j, char *buf, size_t len);
-/* Prints an object as "key: value" lines, nested objects indented. */
+/* Prints an object as "key: value" lines, nested objects indented,
+ * timestamps (keys ending in "_at", "mtime") as fmt_time, and empty
+ * objects and arrays as "-". */
 void print_object(const json_t *o, FILE *f, int indent);
 /* The error message from {"error": {"code", "message"}}, or NULL. */
 const char *error_message(const json_t *j, const char **code);

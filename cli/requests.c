@@ -77,6 +77,7 @@ const struct cli_opt create_opts[] = {
     {"--label", "-l", true, true},
     {"--egress", NULL, true, false},
     {"--no-wait", NULL, false, false},
+    {"--wait-timeout", NULL, true, false},
 };
 const size_t create_nopts = PD_ARRAY_SIZE(create_opts);
 
@@ -87,12 +88,23 @@ req_create(const struct cli_args *a, json_t **body, char **path, char *err,
     const struct cli_opt *o = create_opts;
     size_t n = create_nopts;
     const char *egress = opt_val(a, o, n, "--egress");
+    const char *wait_to = opt_val(a, o, n, "--wait-timeout");
+    uint64_t wait_ms = 0;
     json_t *b, *env = NULL, *labels = NULL;
 
     if (a->npos != 1 || a->dashdash) {
         snprintf(err, errlen, "usage: paddock sandbox create ID [--cpus N] "
                  "[--memory MB] [--disk MB] [--env K=V] [--label K=V] "
-                 "[--egress none|all] [--no-wait]");
+                 "[--egress none|all] [--no-wait | --wait-timeout DUR]");
+        return EXIT_USAGE;
+    }
+    if (wait_to != NULL &&
+        (pd_parse_duration_ms(wait_to, &wait_ms) < 0 || wait_ms == 0 ||
+         wait_ms > CREATE_WAIT_MAX_MS || opt_set(a, o, n, "--no-wait"))) {
+        snprintf(err, errlen, opt_set(a, o, n, "--no-wait")
+                 ? "--wait-timeout and --no-wait exclude each other"
+                 : "--wait-timeout wants a duration from 1ms to 10m, got "
+                   "'%s'", wait_to);
         return EXIT_USAGE;
     }
     if (!pd_id_valid(a->pos[0])) {
@@ -125,8 +137,13 @@ req_create(const struct cli_args *a, json_t **body, char **path, char *err,
     if (egress != NULL)
         json_object_set_new(b, "egress", json_string(egress));
     *body = b;
-    *path = strdup(opt_set(a, o, n, "--no-wait") ? "/v1/sandboxes"
-                                                 : "/v1/sandboxes?wait=true");
+    if (opt_set(a, o, n, "--no-wait"))
+        *path = strdup("/v1/sandboxes");
+    else if (wait_ms == 0)
+        *path = strdup("/v1/sandboxes?wait=true");
+    else if (asprintf(path, "/v1/sandboxes?wait=true&wait_ms=%llu",
+                      (unsigned long long)wait_ms) < 0)
+        *path = NULL;
     return EXIT_OK;
 }
 

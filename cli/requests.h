@@ -13,7 +13,11 @@
 #include "cli/args.h"
 
 /* sandbox create ID [--cpus N] [--memory MB] [--disk MB] [--env K=V]...
- * [--label K=V]... [--egress none|all] [--no-wait] */
+ * [--label K=V]... [--egress none|all] [--no-wait | --wait-timeout DUR]
+ * The scheduler waits for the boot 2 minutes by default and at most
+ * CREATE_WAIT_MAX_MS (its wait_ms bound). */
+#define CREATE_WAIT_DEFAULT_MS 120000
+#define CREATE_WAIT_MAX_MS 600000
 extern const struct cli_opt create_opts[];
 extern const size_t create_nopts;
 int req_create(const struct cli_args *a, json_t **body, char **path,
