@@ -31,11 +31,16 @@ SANDBOXES = {"rt-a": "n1", "rt-b": "n2"}
 @pytest.fixture(scope="module")
 def cl(guest_image, module_procs, module_workdir):
     c = Cluster(module_procs, module_workdir, schedulers=3, agents=0)
+    # Node ids name the agents' cgroups, shared by every run on this
+    # machine: a suffix per run, as Cluster gives its own agents.
+    suffix = os.urandom(3).hex()
+    ids = {n: "%s-%s" % (n, suffix) for n in ("n1", "n2")}
     subprocess.run([os.path.join(REPO, "deploy", "make-certs.sh"), c.pki,
-                    "agent", "n1", "n2"], check=True, capture_output=True)
+                    "agent"] + list(ids.values()), check=True,
+                   capture_output=True)
     try:
-        for n in ("n1", "n2"):
-            c.start_agent(n, guest_image, ["--labels", "name=" + n])
+        for n, node_id in ids.items():
+            c.start_agent(node_id, guest_image, ["--labels", "name=" + n])
         wait_for(c._agents_ready, 120, "both agents ready")
         lead = c.leader()
         for sb, node in SANDBOXES.items():
@@ -44,7 +49,8 @@ def cl(guest_image, module_procs, module_workdir):
                 "disk_mb": 384 if sb == "rt-a" else 48,
                 "constraints": {"name": node}}, at=lead, timeout=180)
             assert st in (200, 201), body
-            assert body["state"] == "running" and body["node"] == node, body
+            assert body["state"] == "running" and \
+                body["node"] == ids[node], body
     except BaseException:
         print(module_procs.dump_logs())
         raise
