@@ -397,13 +397,16 @@ cli_check(const struct cli *c, const struct cli_call *k)
     const char *msg = NULL, *code = NULL;
     int rv;
 
-    (void)c;
     if (k->status >= 200 && k->status < 300)
         return EXIT_OK;
     j = k->resp_body != NULL ? json_loads(k->resp_body, 0, NULL) : NULL;
     if (j != NULL)
         msg = error_message(j, &code);
-    if (msg != NULL)
+    if (k->status == 401 && (c->token == NULL || c->token[0] == '\0'))
+        /* The commonest first-hour mistake: say what fixes it. */
+        cli_errorf("no token: set PADDOCK_TOKEN or pass --token (HTTP 401%s"
+                   "%s)", code != NULL ? " " : "", code != NULL ? code : "");
+    else if (msg != NULL)
         cli_errorf("%s (HTTP %ld%s%s)", msg, k->status,
                    code != NULL ? " " : "", code != NULL ? code : "");
     else

@@ -89,9 +89,9 @@ sandbox_row(struct table *t, const json_t *s, uint64_t now)
 }
 
 /* One line for a sandbox that was just created: where it runs, and how
- * long the create took when it waited for the boot (elapsed_ms > 0). */
+ * long the create took when it waited for the boot. */
 static void
-sandbox_summary(const json_t *s, uint64_t elapsed_ms)
+sandbox_summary(const json_t *s, bool waited, uint64_t elapsed_ms)
 {
     char id[80], state[32], node[80], reason[256];
 
@@ -102,7 +102,7 @@ sandbox_summary(const json_t *s, uint64_t elapsed_ms)
     printf("sandbox %s: %s", id, state);
     if (strcmp(node, "-") != 0)
         printf(" on node %s", node);
-    if (elapsed_ms > 0)
+    if (waited)
         printf(" after %.1fs", (double)elapsed_ms / 1000);
     if (strcmp(reason, "-") != 0)
         printf(" (%s)", reason);
@@ -172,7 +172,7 @@ create(struct cli *c, int argc, char **argv)
         } else if (c->json) {
             print_json(resp);
         } else if (!c->quiet) {
-            sandbox_summary(resp, waited ? pd_now_ms() - started : 0);
+            sandbox_summary(resp, waited, pd_now_ms() - started);
         }
         if (resp != NULL)
             rv = sandbox_create_exit(resp, waited);

@@ -18,7 +18,8 @@ static const char usage[] =
     "[--json] [-q] COMMAND ...\n"
     "\n"
     "  sandbox create ID [--cpus N] [--memory MB] [--disk MB] [--env K=V]\n"
-    "                    [--label K=V] [--egress none|all] [--no-wait]\n"
+    "                    [--label K=V] [--egress none|all]\n"
+    "                    [--no-wait | --wait-timeout 2m]\n"
     "  sandbox list [--label K=V] [--state S] | get ID | rm ID\n"
     "  exec ID [--cwd D] [--env K=V] [--timeout 30s] [-i] -- ARGV...\n"
     "  sh ID [--cwd D] [--env K=V] [--timeout 30s] [-i] 'shell string'\n"
@@ -38,9 +39,9 @@ static const char usage[] =
     "             PADDOCK_TOKEN, PADDOCK_CACERT\n"
     "exit codes: 0 ok, 1 usage, 2 refused (4xx), 3 not found, "
     "4 unreachable,\n"
-    "            5 server error, 6 local file error, 7 unauthorized; exec "
-    "and sh\n"
-    "            exit with the command's code, or 125 if paddock failed\n";
+    "            5 server error, 6 local file error, 7 unauthorized,\n"
+    "            8 create's wait ended first; exec, sh and logs -f exit\n"
+    "            with the process's code, or 125 if paddock failed\n";
 
 static int
 run(struct cli *c, int argc, char **argv)

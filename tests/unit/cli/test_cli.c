@@ -312,6 +312,81 @@ test_formatting(void **state)
     assert_string_equal(b, "-");
 }
 
+/* Token expiry and timestamps read as a person would say them. */
+static void
+test_times(void **state)
+{
+    char b[64];
+    json_t *j;
+    uint64_t now = 1796362302800ull, ms;
+
+    (void)state;
+    j = json_integer((json_int_t)(now / 1000) + 3540);
+    fmt_until(j, now, b, sizeof(b));
+    assert_string_equal(b, "in 58m");
+    json_decref(j);
+    j = json_integer((json_int_t)(now / 1000) - 7200);
+    fmt_until(j, now, b, sizeof(b));
+    assert_string_equal(b, "expired 2h ago");
+    json_decref(j);
+    j = json_integer((json_int_t)now + 300);   /* ms, half a second left */
+    fmt_until(j, now, b, sizeof(b));
+    assert_string_equal(b, "in 1s");
+    json_decref(j);
+    fmt_until(NULL, now, b, sizeof(b));
+    assert_string_equal(b, "-");
+    j = json_integer((json_int_t)now - 400);   /* ages are whole seconds */
+    fmt_age(j, now, b, sizeof(b));
+    assert_string_equal(b, "0s");
+    json_decref(j);
+    j = json_integer(0);                       /* a file from the epoch */
+    fmt_age(j, now, b, sizeof(b));
+    assert_string_equal(b, "56y");
+    json_decref(j);
+    j = json_integer(1796362302);
+    fmt_time(j, now, b, sizeof(b));
+    assert_string_equal(b, "2026-12-04 05:31:42 UTC (0s ago)");
+    json_decref(j);
+    j = json_string("2026-01-02T03:04:05Z");
+    assert_int_equal(json_time_ms(j, &ms), 0);
+    assert_int_equal(ms, 1767323045000ull);
+    json_decref(j);
+    j = json_string("soon");
+    assert_int_equal(json_time_ms(j, &ms), -EINVAL);
+    fmt_time(j, now, b, sizeof(b));
+    assert_string_equal(b, "soon");
+    json_decref(j);
+}
+
+/* Rows sorted by a column; the print stays aligned to the widest cell. */
+static void
+test_table_sort(void **state)
+{
+    static const char *const head[] = {"TYPE", "NAME"};
+    const char *r1[] = {"file", "zeta"};
+    const char *r2[] = {"dir", "alpha"};
+    const char *r3[] = {"file", "mid"};
+    struct table t;
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+
+    (void)state;
+    table_init(&t, 2, head);
+    table_add(&t, r1);
+    table_add(&t, r2);
+    table_add(&t, r3);
+    table_sort(&t, 1);
+    table_print(&t, f);
+    fclose(f);
+    assert_string_equal(buf, "TYPE  NAME\n"
+                             "dir   alpha\n"
+                             "file  mid\n"
+                             "file  zeta\n");
+    free(buf);
+    table_free(&t);
+}
+
 static void
 test_table(void **state)
 {
@@ -450,6 +525,32 @@ up_end(struct pd_http_req *r, int err, void *arg)
                                                (json_int_t)uploaded));
 }
 
+static char last_query[256];
+
+/* A create as the scheduler answers it: "huge" fits nowhere (409 with the
+ * per-resource reason), "slow" is still starting when the wait ends (the
+ * scheduler answers with the row as it is). */
+static void
+on_create(struct pd_http_req *r, int err, const char *body, size_t len,
+          void *arg)
+{
+    json_t *j = err == 0 ? json_loadb(body, len, 0, NULL) : NULL;
+    const char *id = json_string_value(json_object_get(j, "id"));
+    const char *t = pd_http_req_target(r), *q = strchr(t, '?');
+
+    (void)arg;
+    snprintf(last_query, sizeof(last_query), "%s", q != NULL ? q + 1 : "");
+    if (id != NULL && strcmp(id, "huge") == 0)
+        pd_http_respond_error(r, 409, "no_capacity", "create: no node fits: "
+                              "1 node lacks CPU (need 64, most free 7)");
+    else
+        pd_http_respond_json(r, 200, json_pack("{s:s,s:s,s:s}", "id",
+                                               id != NULL ? id : "?",
+                                               "state", "starting", "node",
+                                               "n1"));
+    json_decref(j);
+}
+
 #define SSE(r, ev, lit) pd_http_sse_event(r, ev, lit, sizeof(lit) - 1)
 
 static void
@@ -479,6 +580,22 @@ on_request(struct pd_http_req *r, void *arg)
         pd_http_sse_start(r);
         SSE(r, "stdout", "{\"data\":\"aGk=\"}");
         pd_http_end(r);
+    } else if (strcmp(path, "/v1/sandboxes/sb/processes/gone/logs") == 0) {
+        pd_http_respond_error(r, 404, "not_found", "no process named gone");
+    } else if (strcmp(path, "/v1/sandboxes/sb/processes/p/logs") == 0 &&
+               pd_http_req_query_bool(r, "follow", false)) {
+        pd_http_sse_start(r);
+        SSE(r, "stdout", "{\"data\":\"eAo=\"}");
+        SSE(r, "exit", "{\"exit_code\":4,\"signal\":null}");
+        pd_http_end(r);
+    } else if (strcmp(path, "/v1/sandboxes/sb/processes/p/logs") == 0) {
+        pd_http_respond_json(r, 200, json_pack("{s:s,s:s,s:b,s:i}",
+                                               "stdout", "x\n", "stderr",
+                                               "", "running", 0,
+                                               "exit_code", 4));
+    } else if (strcmp(path, "/v1/sandboxes") == 0 && pd_http_req_is(r,
+                                                                    "POST")) {
+        pd_http_body_read(r, 0, on_create, NULL);
     } else if (strcmp(path, "/upload") == 0) {
         static const struct pd_http_body_stream_cb cb = {up_data, up_end};
 
@@ -655,7 +772,89 @@ test_exec_stream(void **state)
     assert_int_equal(captured(cmd_exec, &c, 3, argv2, out, sizeof(out),
                               errs, sizeof(errs)), EXIT_EXEC_FAILED);
     assert_string_equal(out, "hi");
-    assert_non_null(strstr(errs, "ended before the command exited"));
+    assert_non_null(strstr(errs, "ended before the process exited"));
+    cli_free(&c);
+}
+
+static int
+logs_fn(struct cli *c, int argc, char **argv, bool unused)
+{
+    (void)unused;
+    return cmd_logs(c, argc, argv);
+}
+
+static int
+sandbox_fn(struct cli *c, int argc, char **argv, bool unused)
+{
+    (void)unused;
+    return cmd_sandbox(c, argc, argv);
+}
+
+/* logs -f waits for the process and exits with its code, like exec;
+ * paddock's own failure there is 125. Plain logs print and exit 0. */
+static void
+test_logs_exit_code(void **state)
+{
+    struct cli c = {0};
+    char list[64], err[256], out[256], errs[512];
+    char a0[] = "sb", a1[] = "p", a2[] = "-f", g1[] = "gone";
+    char *follow[] = {a0, a1, a2, NULL};
+    char *plain[] = {a0, a1, NULL};
+    char *gone[] = {a0, g1, a2, NULL};
+
+    (void)state;
+    snprintf(list, sizeof(list), "127.0.0.1:%d", port);
+    assert_int_equal(cli_set_addrs(&c, list, err, sizeof(err)), 0);
+    assert_int_equal(captured(logs_fn, &c, 3, follow, out, sizeof(out), errs,
+                              sizeof(errs)), 4);
+    assert_string_equal(out, "x\n");
+    assert_int_equal(captured(logs_fn, &c, 2, plain, out, sizeof(out), errs,
+                              sizeof(errs)), EXIT_OK);
+    assert_string_equal(out, "x\n");
+    /* A 404 is paddock's failure, not a process that exited 3. */
+    assert_int_equal(captured(logs_fn, &c, 3, gone, out, sizeof(out), errs,
+                              sizeof(errs)), EXIT_EXEC_FAILED);
+    assert_string_equal(errs, "paddock: no process named gone (HTTP 404 "
+                              "not_found)\n");
+    cli_free(&c);
+}
+
+/* A create that fits nowhere prints the scheduler's per-resource reason
+ * in one line and exits 2; one still starting when --wait-timeout ends
+ * exits 8 and says the sandbox goes on; wait_ms carries the timeout. */
+static void
+test_create_outcomes(void **state)
+{
+    struct cli c = {0};
+    char list[64], err[256], out[256], errs[512];
+    char c0[] = "create", h[] = "huge", s1[] = "slow", w[] = "--wait-timeout",
+         w2[] = "2s", nw[] = "--no-wait";
+    char *huge[] = {c0, h, NULL};
+    char *slow[] = {c0, s1, w, w2, NULL};
+    char *nowait[] = {c0, s1, nw, NULL};
+
+    (void)state;
+    snprintf(list, sizeof(list), "127.0.0.1:%d", port);
+    assert_int_equal(cli_set_addrs(&c, list, err, sizeof(err)), 0);
+    assert_int_equal(captured(sandbox_fn, &c, 2, huge, out, sizeof(out),
+                              errs, sizeof(errs)), EXIT_API);
+    assert_string_equal(errs, "paddock: create: no node fits: 1 node lacks "
+                              "CPU (need 64, most free 7) (HTTP 409 "
+                              "no_capacity)\n");
+    assert_string_equal(out, "");
+    assert_int_equal(captured(sandbox_fn, &c, 4, slow, out, sizeof(out),
+                              errs, sizeof(errs)), EXIT_TIMEOUT);
+    assert_string_equal(last_query, "wait=true&wait_ms=2000");
+    assert_true(strncmp(out, "sandbox slow: starting on node n1 after ",
+                        40) == 0);
+    assert_non_null(strstr(errs, "still booting after the 2s wait"));
+    assert_int_equal(strchr(errs, '\n') - errs + 1, (long)strlen(errs));
+    /* c.tty is false: no progress line is drawn. */
+    assert_null(strchr(errs, '\r'));
+    assert_int_equal(captured(sandbox_fn, &c, 3, nowait, out, sizeof(out),
+                              errs, sizeof(errs)), EXIT_OK);
+    assert_string_equal(last_query, "");
+    assert_string_equal(out, "sandbox slow: starting on node n1\n");
     cli_free(&c);
 }
 
@@ -672,6 +871,8 @@ main(void)
         cmocka_unit_test(test_addrs),
         cmocka_unit_test(test_formatting),
         cmocka_unit_test(test_table),
+        cmocka_unit_test(test_times),
+        cmocka_unit_test(test_table_sort),
         cmocka_unit_test(test_error_message),
         cmocka_unit_test(test_sse),
         cmocka_unit_test(test_b64),
@@ -680,6 +881,8 @@ main(void)
         cmocka_unit_test(test_client_transport),
         cmocka_unit_test(test_client_upload),
         cmocka_unit_test(test_exec_stream),
+        cmocka_unit_test(test_logs_exit_code),
+        cmocka_unit_test(test_create_outcomes),
     };
     int fails = 0;
 
