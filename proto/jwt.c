@@ -805,17 +805,66 @@ header_check(const struct pd_jwt_keyset *ks, json_t *h, char *kid)
     return i < 0 ? -ENOKEY : i;
 }
 
+/*
+ * Signatures already verified on this thread, by SHA-256 of the public key
+ * and of the whole token. Verifying is a pure function of those two, so a
+ * hit is the same answer libjwt would give; expiry, nbf and revocation are
+ * still checked on every call. Why: libjwt decodes the PEM key for every
+ * token, and with OpenSSL 3 that decode plus the ECDSA check was most of a
+ * scheduler's CPU under load (every API request, again on the leader for
+ * a forwarded one), while clients reuse a handful of tokens. Only
+ * successes are kept; the slots are reused round-robin.
+ */
+#define SIG_MEMO_SLOTS 64
+
+struct sig_memo {
+    unsigned char key[SHA256_DIGEST_LENGTH];
+    unsigned char token[SHA256_DIGEST_LENGTH];
+    bool used;
+};
+
+static __thread struct sig_memo sig_memo[SIG_MEMO_SLOTS];
+static __thread unsigned sig_memo_next;
+
+static bool
+sig_memo_find(const unsigned char *kd, const unsigned char *td)
+{
+    for (unsigned i = 0; i < SIG_MEMO_SLOTS; i++)
+        if (sig_memo[i].used &&
+            CRYPTO_memcmp(sig_memo[i].token, td, sizeof(sig_memo[i].token))
+                == 0 &&
+            CRYPTO_memcmp(sig_memo[i].key, kd, sizeof(sig_memo[i].key))
+                == 0)
+            return true;
+    return false;
+}
+
+static void
+sig_memo_put(const unsigned char *kd, const unsigned char *td)
+{
+    struct sig_memo *m = &sig_memo[sig_memo_next++ % SIG_MEMO_SLOTS];
+
+    memcpy(m->key, kd, sizeof(m->key));
+    memcpy(m->token, td, sizeof(m->token));
+    m->used = true;
+}
+
 /* Libjwt checks the signature; the key is never NULL, alg is pinned. */
 static int
 signature_check(const struct pd_jwt_key *key, const char *token,
                 const char *sig, size_t siglen)
 {
     unsigned char raw[SIG_LEN + 3];
+    unsigned char kd[SHA256_DIGEST_LENGTH], td[SHA256_DIGEST_LENGTH];
     jwt_t *jwt = NULL;
     int rc;
 
     if (pd_b64url_decode(sig, siglen, raw, sizeof(raw)) != SIG_LEN)
         return -EBADMSG;
+    SHA256((const unsigned char *)key->pub_pem, strlen(key->pub_pem), kd);
+    SHA256((const unsigned char *)token, strlen(token), td);
+    if (sig_memo_find(kd, td))
+        return 0;
     rc = jwt_decode(&jwt, token, (const unsigned char *)key->pub_pem,
                     (int)strlen(key->pub_pem));
     ERR_clear_error();
@@ -823,6 +872,8 @@ signature_check(const struct pd_jwt_key *key, const char *token,
         return -EBADMSG;
     rc = jwt_get_alg(jwt) == JWT_ALG_ES256 ? 0 : -ENOTSUP;
     jwt_free(jwt);
+    if (rc == 0)
+        sig_memo_put(kd, td);
     return rc;
 }
 
