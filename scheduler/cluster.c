@@ -348,6 +348,12 @@ sched_cluster_init(struct sched *s, char *err, size_t errlen)
     rc.snapshot_trailing = (unsigned)s->cfg.snapshot_threshold;
     rc.on_state = on_state;
     rc.data = s;
+    /* Raft between schedulers under the same mutual TLS as their RPC
+     * port (raft/transport_tls.h); off only by raft_tls = false. */
+    if (s->cfg.raft_tls) {
+        rc.tls_server = s->rpc_server_tls;
+        rc.tls_client = s->rpc_client_tls;
+    }
     rv = raftnode_new(&s->raft, s->loop, s->fsm, &rc, err, errlen);
     free(peers);
     if (rv != 0)

@@ -51,6 +51,8 @@ static const struct pd_config_opt options[] = {
      "this scheduler's certificate (OU=scheduler, PEM)"},
     {"tls_key", PD_CFG_STRING, &sched.cfg.tls_key, "its private key"},
     {"tls_ca", PD_CFG_STRING, &sched.cfg.tls_ca, "the cluster CA (PEM)"},
+    {"raft_tls", PD_CFG_BOOL, &sched.cfg.raft_tls,
+     "Raft traffic over the cluster mutual TLS (default true)"},
     {"api_tls_cert", PD_CFG_STRING, &sched.cfg.api_tls_cert,
      "optional HTTPS certificate for the API and preview listeners"},
     {"api_tls_key", PD_CFG_STRING, &sched.cfg.api_tls_key, "its key"},
@@ -89,6 +91,7 @@ set_defaults(struct sched_cfg *c)
     c->tls_key = "";
     c->tls_ca = "";
     c->api_tls_cert = "";
+    c->raft_tls = true;
     c->api_tls_key = "";
     c->strategy = "binpack";
     c->log_level = "info";

@@ -72,6 +72,7 @@ struct sched_cfg {
     char *bootstrap;
     char *tls_cert, *tls_key, *tls_ca; /* cluster mTLS (make-certs.sh) */
     char *api_tls_cert, *api_tls_key;  /* optional HTTPS on API/preview */
+    bool raft_tls;           /* Raft over the cluster mTLS; default on */
     char *strategy;          /* binpack | spread */
     char *log_level;
     uint64_t heartbeat_ms;   /* agents' heartbeat interval; 1 s */
