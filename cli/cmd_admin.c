@@ -40,7 +40,7 @@ port_num(const char *s, unsigned *out)
 int
 cmd_port(struct cli *c, int argc, char **argv)
 {
-    static const char *const head[] = {"PORT", "URL"};
+    static const char *const head[] = {"PORT", "AGE", "URL"};
     const char *sub = argc > 0 ? argv[0] : "";
     json_t *resp, *items, *p;
     struct table t;
@@ -89,12 +89,16 @@ cmd_port(struct cli *c, int argc, char **argv)
             print_json(resp);
         } else {
             items = list_items(resp, "ports");
-            table_init(&t, 2, head);
+            table_init(&t, 3, head);
             json_array_foreach(items, i, p) {
-                char a[16], b[1024];
-                const char *cells[2] = {a, b};
+                char a[16], age[16], b[1024];
+                const char *cells[3] = {a, age, b};
 
                 json_text(p, "port", a, sizeof(a));
+                fmt_age(json_object_get(p, "created_at"), pd_wall_ms(), age,
+                        sizeof(age));
+                /* The token is only shown once, by expose: the list has
+                 * "{token}" in its place. */
                 json_text(p, "url", b, sizeof(b));
                 table_add(&t, cells);
             }
@@ -280,7 +284,7 @@ cluster_status(struct cli *c)
                                        "PREVIEW"};
     json_t *resp, *items, *m;
     struct table t;
-    char leader[80], term[32], commit[32];
+    char leader[80], term[32], commit[32], self[32], state[32];
     size_t i;
     int rv = cli_json(c, "GET", "/v1/cluster", NULL, &resp);
 
@@ -291,10 +295,16 @@ cluster_status(struct cli *c)
         json_decref(resp);
         return EXIT_OK;
     }
-    printf("leader: %s  term: %s  commit index: %s\n",
+    printf("leader: %s  term: %s  commit index: %s",
            json_text(resp, "leader", leader, sizeof(leader)),
            json_text(resp, "term", term, sizeof(term)),
            json_text(resp, "commit_index", commit, sizeof(commit)));
+    /* Each member answers from its own view: say whose view this is. */
+    if (json_object_get(resp, "self") != NULL)
+        printf("  (as seen by %s, %s)",
+               json_text(resp, "self", self, sizeof(self)),
+               json_text(resp, "state", state, sizeof(state)));
+    putchar('\n');
     items = list_items(resp, "members");
     table_init(&t, 5, head);
     json_array_foreach(items, i, m) {
