@@ -173,6 +173,10 @@ create(struct cli *c, int argc, char **argv)
             print_json(resp);
         } else if (!c->quiet) {
             sandbox_summary(resp, waited, pd_now_ms() - started);
+            /* A first-hour hint, for a person only (never in a pipe). */
+            if (c->tty && sandbox_create_exit(resp, waited) == EXIT_OK)
+                fprintf(stderr, "try: paddock exec %s -- uname -a\n",
+                        a.pos[0]);
         }
         if (resp != NULL)
             rv = sandbox_create_exit(resp, waited);
@@ -231,26 +235,35 @@ get_or_rm(struct cli *c, int argc, char **argv, bool rm)
 {
     json_t *resp;
     char *path;
-    int rv;
+    int i, rv, worst = EXIT_OK;
 
-    if (argc != 1)
-        return usage_error("usage: paddock sandbox %s ID",
-                           rm ? "rm" : "get");
-    if (!pd_id_valid(argv[0]))
-        return usage_error("bad sandbox id '%s'", argv[0]);
-    path = cli_path("/v1/sandboxes/%s", argv[0]);
-    rv = cli_json(c, rm ? "DELETE" : "GET", path, NULL, &resp);
-    free(path);
-    if (rv != EXIT_OK)
-        return rv;
-    if (c->json)
-        print_json(resp != NULL ? resp : json_null());
-    else if (rm && !c->quiet)
-        printf("sandbox %s removed\n", argv[0]);
-    else if (!rm && resp != NULL)
-        print_object(resp, stdout, 0);
-    json_decref(resp);
-    return EXIT_OK;
+    if (argc < 1 || (!rm && argc != 1))
+        return usage_error("usage: paddock sandbox %s", rm ? "rm ID..."
+                                                           : "get ID");
+    for (i = 0; i < argc; i++)
+        if (!pd_id_valid(argv[i]))
+            return usage_error("bad sandbox id '%s'", argv[i]);
+    /* rm takes several ids, like fly machine destroy: each is removed in
+     * turn, a failure does not stop the rest, the exit code is the first
+     * failure's. */
+    for (i = 0; i < argc; i++) {
+        path = cli_path("/v1/sandboxes/%s", argv[i]);
+        rv = cli_json(c, rm ? "DELETE" : "GET", path, NULL, &resp);
+        free(path);
+        if (rv != EXIT_OK) {
+            if (worst == EXIT_OK)
+                worst = rv;
+            continue;
+        }
+        if (c->json)
+            print_json(resp != NULL ? resp : json_null());
+        else if (rm && !c->quiet)
+            printf("sandbox %s removed\n", argv[i]);
+        else if (!rm && resp != NULL)
+            print_object(resp, stdout, 0);
+        json_decref(resp);
+    }
+    return worst;
 }
 
 int
@@ -266,5 +279,6 @@ cmd_sandbox(struct cli *c, int argc, char **argv)
         return get_or_rm(c, argc - 1, argv + 1, false);
     if (strcmp(sub, "rm") == 0 || strcmp(sub, "delete") == 0)
         return get_or_rm(c, argc - 1, argv + 1, true);
-    return usage_error("usage: paddock sandbox create|list|get|rm ...");
+    return usage_error("usage: paddock sandbox create|list|get|rm ... "
+                       "(see paddock --help)");
 }

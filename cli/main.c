@@ -20,7 +20,7 @@ static const char usage[] =
     "  sandbox create ID [--cpus N] [--memory MB] [--disk MB] [--env K=V]\n"
     "                    [--label K=V] [--egress none|all]\n"
     "                    [--no-wait | --wait-timeout 2m]\n"
-    "  sandbox list [--label K=V] [--state S] | get ID | rm ID\n"
+    "  sandbox list [--label K=V] [--state S] | get ID | rm ID...\n"
     "  exec ID [--cwd D] [--env K=V] [--timeout 30s] [-i] -- ARGV...\n"
     "  sh ID [--cwd D] [--env K=V] [--timeout 30s] [-i] 'shell string'\n"
     "  file put ID PATH [LOCAL|-] | get ID PATH [LOCAL|-] | ls ID [PATH]\n"
