@@ -54,6 +54,20 @@ put(struct cli *c, const char *id, const char *path, const char *local)
             j = json_pack("{s:s}", "path", path);
         print_json(j);
         json_decref(j);
+    } else if (rv == EXIT_OK && c->tty && !c->quiet) {
+        /* The progress line was erased: say what arrived. Scripts (no
+         * terminal) get silence, as from cp. */
+        json_t *j = k.resp_len > 0 ? json_loads(k.resp_body, 0, NULL)
+                                   : NULL;
+        char size[16];
+
+        if (json_is_integer(json_object_get(j, "size"))) {
+            fmt_bytes((uint64_t)json_integer_value(json_object_get(j,
+                                                                   "size")),
+                      size, sizeof(size));
+            fprintf(stderr, "wrote %s to %s:%s\n", size, id, path);
+        }
+        json_decref(j);
     }
     if (f != stdin)
         fclose(f);
