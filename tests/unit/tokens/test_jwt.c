@@ -492,6 +492,44 @@ test_revocation_hook(void **state)
     free(tok);
 }
 
+/* A remembered signature answers only for the same bytes under the same
+ * key, and the time and revocation checks still run on every call. */
+static void
+test_signature_memo(void **state)
+{
+    struct fx *f = *state;
+    struct pd_jwt_claims c;
+    char *tok = sign(f->ks, "acme", NOW, 60, NULL), *bad, *many[70];
+    size_t n = strlen(tok);
+
+    assert_int_equal(pd_jwt_verify(f->ks, tok, NOW, &c), 0);
+    assert_int_equal(pd_jwt_verify(f->ks, tok, NOW, &c), 0);
+    assert_string_equal(c.sub, "acme");
+    bad = strdup(tok);
+    bad[n - 3] = bad[n - 3] == 'A' ? 'B' : 'A';
+    assert_int_equal(pd_jwt_verify(f->ks, bad, NOW, &c), -EBADMSG);
+    free(bad);
+    bad = repay(tok, "{\"iss\":\"paddock\",\"sub\":\"root\",\"role\":"
+                "\"admin\",\"jti\":\"00000000000000000000000000000000\","
+                "\"iat\":1800000000,\"nbf\":1800000000,\"exp\":1900000000}");
+    assert_int_equal(pd_jwt_verify(f->ks, bad, NOW, &c), -EBADMSG);
+    free(bad);
+    assert_int_equal(pd_jwt_verify(f->ks, tok, NOW + 3600, &c),
+                     -EKEYEXPIRED);
+    pd_jwt_keyset_set_revoked(f->ks, revoke_all, NULL);
+    assert_int_equal(pd_jwt_verify(f->ks, tok, NOW, &c), -EKEYREVOKED);
+    pd_jwt_keyset_set_revoked(f->ks, NULL, NULL);
+    /* More tokens than the memo holds: the first is checked afresh. */
+    for (size_t i = 0; i < 70; i++) {
+        many[i] = sign(f->ks, "acme", NOW, 60, NULL);
+        assert_int_equal(pd_jwt_verify(f->ks, many[i], NOW, &c), 0);
+    }
+    assert_int_equal(pd_jwt_verify(f->ks, tok, NOW, &c), 0);
+    for (size_t i = 0; i < 70; i++)
+        free(many[i]);
+    free(tok);
+}
+
 static void
 test_b64url(void **state)
 {
@@ -536,6 +574,8 @@ main(void)
         cmocka_unit_test_setup_teardown(test_alg_traps, setup, teardown),
         cmocka_unit_test_setup_teardown(test_malformed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_revocation_hook, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_signature_memo, setup,
                                         teardown),
         cmocka_unit_test(test_b64url),
         cmocka_unit_test(test_strerror),
