@@ -113,6 +113,29 @@ find_opt(const struct cli_opt *opts, size_t nopts, const char *a,
     return -1;
 }
 
+/*
+ * The option a mistyped one most likely meant: one that the text starts
+ * with or that starts with the text, at least "--" and 3 letters long
+ * ("--cpu" for "--cpus", "--memory-mb" for "--memory"). NULL if none.
+ */
+const char *
+cli_opt_suggest(const struct cli_opt *opts, size_t nopts, const char *a,
+                size_t nlen)
+{
+    size_t i;
+
+    if (nlen < 5 || strncmp(a, "--", 2) != 0)
+        return NULL;
+    for (i = 0; i < nopts; i++) {
+        size_t olen = strlen(opts[i].name);
+        size_t n = olen < nlen ? olen : nlen;
+
+        if (n >= 5 && strncmp(opts[i].name, a, n) == 0)
+            return opts[i].name;
+    }
+    return NULL;
+}
+
 int
 cli_args_parse(int argc, char **argv, const struct cli_opt *opts,
                size_t nopts, struct cli_args *a, char *err, size_t errlen)
@@ -149,7 +172,11 @@ cli_args_parse(int argc, char **argv, const struct cli_opt *opts,
         nlen = eq != NULL ? (size_t)(eq - s) : strlen(s);
         k = find_opt(opts, nopts, s, nlen);
         if (k < 0) {
-            snprintf(err, errlen, "unknown option '%.*s'", (int)nlen, s);
+            const char *hint = cli_opt_suggest(opts, nopts, s, nlen);
+
+            snprintf(err, errlen, "unknown option '%.*s'%s%s%s", (int)nlen,
+                     s, hint != NULL ? " (did you mean " : "",
+                     hint != NULL ? hint : "", hint != NULL ? "?)" : "");
             return -EINVAL;
         }
         if (opts[k].has_arg) {

@@ -62,6 +62,11 @@ int cli_args_parse(int argc, char **argv, const struct cli_opt *opts,
 int cli_opt_index(const struct cli_opt *opts, size_t nopts,
                   const char *name);
 
+/* For an unknown option a (nlen bytes): the option it shares a prefix of
+ * at least 3 letters with, e.g. "--cpus" for "--cpu"; NULL if none. */
+const char *cli_opt_suggest(const struct cli_opt *opts, size_t nopts,
+                            const char *a, size_t nlen);
+
 /* Splits "K=V": key must be non-empty and without '='. */
 int cli_split_kv(const char *s, char *key, size_t keylen,
                  const char **value);

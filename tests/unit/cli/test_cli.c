@@ -148,6 +148,32 @@ expect_usage(const struct cli_opt *opts, size_t n, const char *cmdline,
 }
 
 /* Bad arguments are refused with a message that says what is wrong. */
+/* --wait-timeout becomes the scheduler's wait_ms; no hint for an option
+ * that resembles nothing. */
+static void
+test_create_wait(void **state)
+{
+    char line[] = "web --wait-timeout 90s";
+    char *argv[8];
+    int argc;
+    struct cli_args a;
+    char err[256];
+    json_t *body = NULL;
+    char *path = NULL;
+
+    (void)state;
+    assert_int_equal(parse(line, argv, &argc, create_opts, create_nopts, &a,
+                           err), 0);
+    assert_int_equal(req_create(&a, &body, &path, err, sizeof(err)),
+                     EXIT_OK);
+    assert_string_equal(path, "/v1/sandboxes?wait=true&wait_ms=90000");
+    assert_null(json_object_get(body, "wait_ms"));
+    json_decref(body);
+    free(path);
+    assert_null(cli_opt_suggest(create_opts, create_nopts, "--bogus", 7));
+    assert_null(cli_opt_suggest(create_opts, create_nopts, "-c", 2));
+}
+
 static void
 test_bad_args(void **state)
 {
@@ -164,6 +190,16 @@ test_bad_args(void **state)
                  "--egress is none or all", 0);
     expect_usage(create_opts, create_nopts, "a --bogus 1",
                  "unknown option '--bogus'", 0);
+    expect_usage(create_opts, create_nopts, "a --cpu 2",
+                 "unknown option '--cpu' (did you mean --cpus?)", 0);
+    expect_usage(create_opts, create_nopts, "a --memory-mb 2",
+                 "(did you mean --memory?)", 0);
+    expect_usage(create_opts, create_nopts, "a --wait-timeout soon",
+                 "--wait-timeout wants a duration", 0);
+    expect_usage(create_opts, create_nopts, "a --wait-timeout 11m",
+                 "--wait-timeout wants a duration", 0);
+    expect_usage(create_opts, create_nopts, "a --no-wait --wait-timeout 5s",
+                 "exclude each other", 0);
     expect_usage(create_opts, create_nopts, "a --cpus", "needs a value", 0);
     expect_usage(create_opts, create_nopts, "a --cpus 1 --cpus 2",
                  "given twice", 0);
@@ -865,6 +901,7 @@ main(void)
         cmocka_unit_test(test_globals),
         cmocka_unit_test(test_args),
         cmocka_unit_test(test_bad_args),
+        cmocka_unit_test(test_create_wait),
         cmocka_unit_test(test_exec_request),
         cmocka_unit_test(test_list_and_token_requests),
         cmocka_unit_test(test_path_encoding),
