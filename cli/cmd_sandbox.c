@@ -230,6 +230,23 @@ list(struct cli *c, int argc, char **argv)
     return EXIT_OK;
 }
 
+/* sandbox get: the object as "key: value" lines, with the exposed ports
+ * as their numbers (their URLs are in paddock port ls). */
+static void
+print_sandbox(json_t *s)
+{
+    json_t *ports = json_object_get(s, "ports"), *nums = json_array(), *p;
+    size_t i;
+
+    json_array_foreach(ports, i, p)
+        if (json_object_get(p, "port") != NULL)
+            json_array_append(nums, json_object_get(p, "port"));
+    if (json_is_array(ports))
+        json_object_set(s, "ports", nums);
+    json_decref(nums);
+    print_object(s, stdout, 0);
+}
+
 static int
 get_or_rm(struct cli *c, int argc, char **argv, bool rm)
 {
@@ -260,7 +277,7 @@ get_or_rm(struct cli *c, int argc, char **argv, bool rm)
         else if (rm && !c->quiet)
             printf("sandbox %s removed\n", argv[i]);
         else if (!rm && resp != NULL)
-            print_object(resp, stdout, 0);
+            print_sandbox(resp);
         json_decref(resp);
     }
     return worst;

@@ -293,6 +293,26 @@ is_time_key(const char *k)
            strcmp(k, "mtime") == 0;
 }
 
+/* An array of scalars as "a b c"; -EINVAL if any element is not one. */
+static int
+scalars_text(const json_t *a, char *buf, size_t len)
+{
+    size_t i, off = 0;
+    const json_t *x;
+    char one[512];
+
+    buf[0] = '\0';
+    json_array_foreach((json_t *)a, i, x) {
+        if (json_is_object(x) || json_is_array(x))
+            return -EINVAL;
+        fmt_scalar(x, one, sizeof(one));
+        if (off < len)
+            off += (size_t)snprintf(buf + off, len - off, "%s%s",
+                                    i > 0 ? " " : "", one);
+    }
+    return 0;
+}
+
 void
 print_object(const json_t *o, FILE *f, int indent)
 {
@@ -308,6 +328,9 @@ print_object(const json_t *o, FILE *f, int indent)
         }
         if (is_time_key(k) && json_is_integer(v))
             fmt_time(v, pd_wall_ms(), buf, sizeof(buf));
+        else if (json_is_array(v) && json_array_size(v) > 0 &&
+                 scalars_text(v, buf, sizeof(buf)) == 0)
+            ; /* argv, port numbers: space-separated */
         else if ((json_is_object(v) || json_is_array(v)) &&
                  json_object_size(v) == 0 && json_array_size(v) == 0)
             snprintf(buf, sizeof(buf), "-");

@@ -54,8 +54,8 @@ void fmt_time(const json_t *j, uint64_t now_ms, char *buf, size_t len);
 /* Any JSON scalar as text; "-" for null or absent. */
 void fmt_scalar(const json_t *j, char *buf, size_t len);
 /* Prints an object as "key: value" lines, nested objects indented,
- * timestamps (keys ending in "_at", "mtime") as fmt_time, and empty
- * objects and arrays as "-". */
+ * timestamps (keys ending in "_at", "mtime") as fmt_time, arrays of
+ * scalars space-separated, and empty objects and arrays as "-". */
 void print_object(const json_t *o, FILE *f, int indent);
 /* The error message from {"error": {"code", "message"}}, or NULL. */
 const char *error_message(const json_t *j, const char **code);

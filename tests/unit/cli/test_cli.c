@@ -394,6 +394,30 @@ test_times(void **state)
     json_decref(j);
 }
 
+/* sandbox get and ps PROC: times as times, argv joined, empties as "-". */
+static void
+test_print_object(void **state)
+{
+    json_t *o = json_loads("{\"id\":\"p\",\"argv\":[\"sh\",\"-c\","
+                           "\"exit 4\"],\"labels\":{},\"ports\":[],"
+                           "\"started_at\":1767323045000,\"signal\":null,"
+                           "\"env\":{\"K\":\"V\"}}", 0, NULL);
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+
+    (void)state;
+    assert_non_null(o);
+    print_object(o, f, 0);
+    fclose(f);
+    assert_non_null(strstr(buf, "id: p\nargv: sh -c exit 4\nlabels: -\n"
+                                "ports: -\nstarted_at: 2026-01-02 03:04:05 "
+                                "UTC ("));
+    assert_non_null(strstr(buf, " ago)\nsignal: -\nenv:\n  K: V\n"));
+    free(buf);
+    json_decref(o);
+}
+
 /* Rows sorted by a column; the print stays aligned to the widest cell. */
 static void
 test_table_sort(void **state)
@@ -910,6 +934,7 @@ main(void)
         cmocka_unit_test(test_table),
         cmocka_unit_test(test_times),
         cmocka_unit_test(test_table_sort),
+        cmocka_unit_test(test_print_object),
         cmocka_unit_test(test_error_message),
         cmocka_unit_test(test_sse),
         cmocka_unit_test(test_b64),
