@@ -408,7 +408,10 @@ agent_session_report(struct agent_session *s, const char *sandbox,
 {
     struct pd_enc e;
 
-    if (s == NULL || s->conn == NULL || !s->registered)
+    /* NODE_REGISTER goes first on every connection, so a report sent
+     * before its OK arrives follows it in order; dropping it instead would
+     * leave the leader with the state the registration carried. */
+    if (s == NULL || s->conn == NULL)
         return;
     pd_enc_begin(&e, PD_MSG_SANDBOX_STATE, pd_conn_next_id(s->conn));
     pd_enc_str(&e, "node", s->node);

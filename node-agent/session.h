@@ -26,7 +26,9 @@
  *   - no scheduler configured: the session is off and the agent runs
  *     alone, driven through its RPC port only.
  * A state change while disconnected is not queued: the next
- * NODE_REGISTER carries every sandbox's current state.
+ * NODE_REGISTER carries every sandbox's current state. One after
+ * NODE_REGISTER was sent is reported at once, even before the OK: it
+ * follows the registration on the same connection.
  */
 #ifndef AGENT_SESSION_H
 #define AGENT_SESSION_H

@@ -236,6 +236,12 @@ class Agent:
         return subprocess.run(argv + list(args), capture_output=True,
                               timeout=timeout + 30)
 
+    def client_argv_call(self, t, fields, timeout=60):
+        return [binary("pd-agent-client"), "--addr", self.addr, "--ca",
+                self.pki["ca"], "--cert", self.pki["s1"][0], "--key",
+                self.pki["s1"][1], "--timeout-s", str(timeout), "call", t,
+                json.dumps(fields)]
+
     def call(self, t, timeout=300, **fields):
         """(exit status, reply frames) of one request."""
         p = self.client("call", t, json.dumps(fields), timeout=timeout)
@@ -844,79 +850,97 @@ def test_agent_restart_readopts_running_vms(agent, vms, web):
     assert agent.status("c7") is None
 
 
+def leader_recv(w, pred, timeout=30.0):
+    """The next frame matching pred, answering heartbeats meanwhile (a
+    leader that stops answering is dropped after 5 intervals)."""
+    def step(m):
+        if m["t"] == NODE_HEARTBEAT:
+            w.send(frame(OK, m["id"]))
+        return pred(m)
+    m = w.recv_until(step, timeout)
+    assert m is not None, "the agent closed the session"
+    return m
+
+
+def accept_session(lsock, ctx, name):
+    """Accepts the agent's session; returns (wire, NODE_REGISTER)."""
+    conn, _ = lsock.accept()
+    w = Wire(ctx.wrap_socket(conn, server_side=True))
+    m = w.recv()
+    assert m["t"] == HELLO and m["role"] == "agent", m
+    w.send(frame(HELLO, 0, v=1, role="scheduler", name=name))
+    reg = w.recv_until(lambda m: m["t"] == NODE_REGISTER)
+    assert reg["node"] == NODE and reg["rpc_addr"] == AGENT_ADDR[0]
+    w.send(frame(OK, reg["id"], heartbeat_ms=200))
+    return w, reg
+
+
+AGENT_ADDR = [None]
+
+
+def listener():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(4)
+    s.settimeout(30)
+    return s
+
+
 def test_session_with_a_leader(agent, vms, pki):
     """A fake leader: registration, heartbeats, requests down the session,
-    and state reports."""
+    a redirect, and state reports."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(*pki["s1"])
     ctx.load_verify_locations(pki["ca"])
     ctx.verify_mode = ssl.CERT_REQUIRED
-    lsock = socket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(4)
-    lsock.settimeout(30)
-    port = lsock.getsockname()[1]
+    AGENT_ADDR[0] = agent.addr
+    lsock, lsock2 = listener(), listener()
+    destroy = None
     try:
         agent.proc.stop()
-        agent.start("--schedulers", "127.0.0.1:%d" % port)
-        conn, _ = lsock.accept()
-        w = Wire(ctx.wrap_socket(conn, server_side=True))
-        m = w.recv()
-        assert m["t"] == HELLO and m["role"] == "agent"
-        w.send(frame(HELLO, 0, v=1, role="scheduler", name="fake-leader"))
-        reg = w.recv_until(lambda m: m["t"] == NODE_REGISTER)
-        assert reg["node"] == NODE and reg["rpc_addr"] == agent.addr
+        agent.start("--schedulers", "127.0.0.1:%d" % lsock.getsockname()[1])
+        w, reg = accept_session(lsock, ctx, "fake-leader")
         assert reg["cpus"] > 0 and reg["memory_mb"] > 0
         assert reg["disk_mb"] > 0
         states = {s["sandbox"]: s["state"] for s in reg["sandboxes"]}
         assert states == {"q1": "running", "ea": "running",
                           "al": "running"}
-        w.send(frame(OK, reg["id"], heartbeat_ms=100))
         for _ in range(2):
-            hb = w.recv_until(lambda m: m["t"] == NODE_HEARTBEAT)
+            hb = leader_recv(w, lambda m: m["t"] == NODE_HEARTBEAT)
             assert hb["node"] == NODE
-            w.send(frame(OK, hb["id"]))
         # The scheduler's requests arrive down the same connection.
         w.send(frame(SANDBOX_STATUS, 900, sandbox="ea"))
-        m = w.recv_until(lambda m: m.get("id") == 900 and m["t"] != 301)
+        m = leader_recv(w, lambda m: m.get("id") == 900 and
+                        m["t"] in (OK, ERROR))
         assert m["t"] == OK and m["state"] == "running"
         w.send(frame(EXEC, 901, sandbox="ea", argv=["echo", "via-session"]))
-        m = w.recv_until(lambda m: m.get("id") == 901 and
-                         m["t"] in (EXIT, ERROR))
+        m = leader_recv(w, lambda m: m.get("id") == 901 and
+                        m["t"] in (EXIT, ERROR))
         assert m["t"] == EXIT and m["stdout"] == b"via-session\n"
         # A follower's redirect: the agent registers with the leader named.
-        lsock2 = socket.socket()
-        lsock2.bind(("127.0.0.1", 0))
-        lsock2.listen(4)
-        lsock2.settimeout(30)
         w.send(frame(302, 0, leader_addr="127.0.0.1:%d" %
                      lsock2.getsockname()[1]))
         assert w.closed_by_peer(10)
         w.close()
-        conn, _ = lsock2.accept()
-        lsock2.close()
-        w = Wire(ctx.wrap_socket(conn, server_side=True))
-        assert w.recv()["t"] == HELLO
-        w.send(frame(HELLO, 0, v=1, role="scheduler", name="leader-2"))
-        reg = w.recv_until(lambda m: m["t"] == NODE_REGISTER)
-        assert reg["node"] == NODE
-        w.send(frame(OK, reg["id"], heartbeat_ms=100))
+        w, reg = accept_session(lsock2, ctx, "leader-2")
+        # No wait for a heartbeat here: a state change right after the
+        # registration (before its OK is read) must be reported too.
         # A destroy through the RPC port is reported on the session.
-        agent.ok("SANDBOX_DESTROY", sandbox="ea")
+        destroy = subprocess.Popen(agent.client_argv_call(
+            "SANDBOX_DESTROY", {"sandbox": "ea"}), stdout=subprocess.PIPE)
         seen = []
-
-        def leader(m):
-            """Answers heartbeats; true at the report of "stopped"."""
-            if m["t"] == NODE_HEARTBEAT:
-                w.send(frame(OK, m["id"]))
-            if m["t"] == SANDBOX_STATE and m["sandbox"] == "ea":
-                seen.append(m["state"])
-            return seen[-1:] == ["stopped"]
-        w.recv_until(leader, 60)
-        assert "stopping" in seen
+        leader_recv(w, lambda m: m["t"] == SANDBOX_STATE and
+                    m["sandbox"] == "ea" and
+                    (seen.append(m["state"]) or m["state"] == "stopped"), 60)
+        assert seen[0] == "stopping" and seen[-1] == "stopped", seen
+        assert destroy.wait(60) == 0
         w.close()
     finally:
+        if destroy is not None and destroy.poll() is None:
+            destroy.kill()
+            destroy.wait()
         lsock.close()
+        lsock2.close()
 
 
 def test_destroy_powers_off_cleanly_and_removes_everything(agent, vms):
