@@ -2,6 +2,7 @@
 
 #include <curl/curl.h>
 #include <errno.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -200,6 +201,31 @@ on_write(char *p, size_t sz, size_t n, void *arg)
     return len;
 }
 
+/*
+ * Ctrl-C while a progress line is drawn: erase it and say what happens,
+ * then die by the signal as usual. Only write(2) here (signal context).
+ */
+static volatile sig_atomic_t progress_drawn;
+static volatile sig_atomic_t progress_waiting;
+
+static void
+on_sigint(int sig)
+{
+    static const char erase[] = "\r\033[K";
+    static const char goes_on[] = "paddock: interrupted; the cluster goes on "
+                                  "with the request\n";
+    ssize_t w;
+
+    if (progress_drawn) {
+        w = write(2, erase, sizeof(erase) - 1);
+        if (progress_waiting)
+            w = write(2, goes_on, sizeof(goes_on) - 1);
+        (void)w;
+    }
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
 static void
 clear_progress(struct xfer *x)
 {
@@ -207,6 +233,7 @@ clear_progress(struct xfer *x)
         fputs("\r\033[K", stderr);
         fflush(stderr);
         x->progress_shown = false;
+        progress_drawn = 0;
     }
 }
 
@@ -245,6 +272,8 @@ on_progress(void *arg, curl_off_t dltotal, curl_off_t dlnow,
     }
     fflush(stderr);
     x->progress_shown = true;
+    progress_waiting = k->wait_progress;
+    progress_drawn = 1;
     return 0;
 }
 
@@ -272,6 +301,7 @@ attempt(struct cli *c, struct cli_call *k, const char *base, char *cerr,
         struct curl_slist *hdrs, const char *body)
 {
     struct xfer x = {.c = c, .k = k, .started = pd_now_ms()};
+    void (*prev)(int) = SIG_DFL;
     char *url = NULL;
     CURL *h = curl_easy_init();
     CURLcode rc;
@@ -314,8 +344,12 @@ attempt(struct cli *c, struct cli_call *k, const char *base, char *cerr,
         curl_easy_setopt(h, CURLOPT_POSTFIELDS, "");
         curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE, 0L);
     }
+    if (k->progress != NULL && c->tty)
+        prev = signal(SIGINT, on_sigint);
     rc = curl_easy_perform(h);
     clear_progress(&x);
+    if (k->progress != NULL && c->tty)
+        signal(SIGINT, prev);
     if (!x.decided)
         curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &k->status);
     if (rc == CURLE_WRITE_ERROR && x.stopped)
