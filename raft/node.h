@@ -1,7 +1,8 @@
 /*
  * One scheduler's Raft member: canonical raft 0.15 with its libuv disk log
- * and TCP transport, driving the FSM of raft/fsm.h. Everything runs on the
- * daemon's libuv loop.
+ * and either its plaintext TCP transport or, given TLS contexts, the
+ * mutual-TLS transport of raft/transport_tls.h, driving the FSM of
+ * raft/fsm.h. Everything runs on the daemon's libuv loop.
  *
  * Traps of raft 0.15 handled here (DESIGN.md 9), so callers need not know:
  *   - Entries are padded to 8 bytes (fsm_cmd_encode does it) and
