@@ -17,12 +17,18 @@ void
 cli_errorf(const char *fmt, ...)
 {
     va_list ap;
+    char buf[2048];
+    size_t i;
 
-    fputs("paddock: ", stderr);
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
+    /* One line, always: a server's message or a file name may hold a
+     * newline or an escape sequence; neither reaches the terminal. */
+    for (i = 0; buf[i] != '\0'; i++)
+        if ((unsigned char)buf[i] < 0x20 || buf[i] == 0x7f)
+            buf[i] = ' ';
+    fprintf(stderr, "paddock: %s\n", buf);
 }
 
 int

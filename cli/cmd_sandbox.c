@@ -20,12 +20,12 @@ int
 usage_error(const char *fmt, ...)
 {
     va_list ap;
+    char buf[1024];
 
-    fputs("paddock: ", stderr);
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
+    cli_errorf("%s", buf);
     return EXIT_USAGE;
 }
 

@@ -640,6 +640,8 @@ on_request(struct pd_http_req *r, void *arg)
         pd_http_sse_start(r);
         SSE(r, "stdout", "{\"data\":\"aGk=\"}");
         pd_http_end(r);
+    } else if (strcmp(path, "/multiline") == 0) {
+        pd_http_respond_error(r, 409, "conflict", "two\nlines\033[2J");
     } else if (strcmp(path, "/v1/sandboxes/sb/processes/gone/logs") == 0) {
         pd_http_respond_error(r, 404, "not_found", "no process named gone");
     } else if (strcmp(path, "/v1/sandboxes/sb/processes/p/logs") == 0 &&
@@ -879,6 +881,34 @@ test_logs_exit_code(void **state)
     cli_free(&c);
 }
 
+static int
+multiline_fn(struct cli *c, int argc, char **argv, bool unused)
+{
+    json_t *out = NULL;
+
+    (void)argc;
+    (void)argv;
+    (void)unused;
+    return cli_json(c, "GET", "/multiline", NULL, &out);
+}
+
+/* A server's message is printed on one line, control bytes blanked. */
+static void
+test_error_one_line(void **state)
+{
+    struct cli c = {0};
+    char list[64], err[256], out[256], errs[512];
+
+    (void)state;
+    snprintf(list, sizeof(list), "127.0.0.1:%d", port);
+    assert_int_equal(cli_set_addrs(&c, list, err, sizeof(err)), 0);
+    assert_int_equal(captured(multiline_fn, &c, 0, NULL, out, sizeof(out),
+                              errs, sizeof(errs)), EXIT_API);
+    assert_string_equal(errs, "paddock: two lines [2J (HTTP 409 "
+                              "conflict)\n");
+    cli_free(&c);
+}
+
 /* A create that fits nowhere prints the scheduler's per-resource reason
  * in one line and exits 2; one still starting when --wait-timeout ends
  * exits 8 and says the sandbox goes on; wait_ms carries the timeout. */
@@ -945,6 +975,7 @@ main(void)
         cmocka_unit_test(test_exec_stream),
         cmocka_unit_test(test_logs_exit_code),
         cmocka_unit_test(test_create_outcomes),
+        cmocka_unit_test(test_error_one_line),
     };
     int fails = 0;
 
