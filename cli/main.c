@@ -14,8 +14,8 @@
 #include "cli/commands.h"
 
 static const char usage[] =
-    "usage: paddock [--addr HOST:PORT,...] [--token T] [--cacert PEM] "
-    "[--json] [-q] COMMAND ...\n"
+    "usage: paddock [--addr HOST:PORT,...] [--token T] [--cacert PEM]\n"
+    "               [--json] [-q] COMMAND ...\n"
     "\n"
     "  sandbox create ID [--cpus N] [--memory MB] [--disk MB] [--env K=V]\n"
     "                    [--label K=V] [--egress none|all]\n"
@@ -33,7 +33,7 @@ static const char usage[] =
     "  node ls | drain NODE\n"
     "  cluster status | add-member ID RAFT_ADDR [--api A] [--preview A]\n"
     "          | remove-member ID\n"
-    "  health\n"
+    "  health | version\n"
     "\n"
     "environment: PADDOCK_ADDR (comma-separated, tried in turn),\n"
     "             PADDOCK_TOKEN, PADDOCK_CACERT\n"
@@ -92,7 +92,7 @@ main(int argc, char **argv)
     argv++;
     if (cli_globals_parse(&argc, argv, &g, err, sizeof(err)) < 0)
         return usage_error("%s", err);
-    if (g.version) {
+    if (g.version || (argc == 1 && strcmp(argv[0], "version") == 0)) {
         printf("paddock 0.1.0\n");
         return 0;
     }
