@@ -181,6 +181,7 @@ create(struct cli *c, int argc, char **argv)
         if (resp != NULL)
             rv = sandbox_create_exit(resp, waited);
         if (rv == EXIT_TIMEOUT) {
+            fflush(stdout); /* the summary first, also into one pipe */
             fmt_duration(wait_ms, label, sizeof(label));
             cli_errorf("sandbox %s is still booting after the %s wait; it "
                        "goes on (see paddock sandbox get %s)", a.pos[0],
