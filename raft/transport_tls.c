@@ -440,6 +440,16 @@ tcp_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 }
 
 static void
+linger_cb(uv_timer_t *t)
+{
+    struct conn *c = t->data;
+
+    pd_debug("raft", "peer %s: unsent bytes after close; dropping them",
+             c->where);
+    conn_close(c);
+}
+
+static void
 shutdown_cb(uv_shutdown_t *req, int status)
 {
     PD_UNUSED(status);
@@ -460,6 +470,8 @@ relay_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         uv_read_stop(s);
         c->state = C_CLOSING;
         pd_tls_shutdown(c->tls);
+        /* A peer that no longer reads must not hold the socket open. */
+        uv_timer_start(&c->timer, linger_cb, c->tr->handshake_ms, 0);
         c->shutdown.data = c;
         if (c->dead ||
             uv_shutdown(&c->shutdown, (uv_stream_t *)&c->tcp,
