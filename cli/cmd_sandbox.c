@@ -2,6 +2,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cli/args.h"
 #include "cli/commands.h"
@@ -226,6 +227,12 @@ list(struct cli *c, int argc, char **argv)
     json_array_foreach(items, i, s)
         sandbox_row(&t, s, pd_wall_ms());
     table_print(&t, stdout);
+    /* An empty table on a terminal could be mistaken for a broken one. */
+    if (t.nrows == 0 && isatty(1))
+        fputs(a.nmulti[0] > 0 || a.set[1]
+                  ? "no sandboxes match\n"
+                  : "no sandboxes yet: paddock sandbox create ID\n",
+              stderr);
     table_free(&t);
     json_decref(resp);
     return EXIT_OK;
