@@ -25,6 +25,7 @@ struct stream {
     int exit_code;
     bool failed;
     bool not_sse;
+    bool ndjson;    /* logs -f --json: one JSON line per event */
     char *json_buf; /* a JSON answer instead of events */
     size_t json_len;
 };
@@ -86,13 +87,38 @@ exit_of(const json_t *j)
     return EXIT_EXEC_FAILED;
 }
 
+/* {"event": "stdout", "data": {...}} on one line of stdout; data that is
+ * not JSON goes as a string. */
+static void
+print_event_line(const char *event, const char *data, size_t len)
+{
+    json_t *d = json_loadb(data, len, JSON_DECODE_ANY, NULL);
+    json_t *line;
+
+    if (d == NULL)
+        d = json_stringn(data, len);
+    line = json_pack("{s:s,s:o*}", "event", event, "data", d);
+    if (line != NULL) {
+        json_dumpf(line, stdout, JSON_COMPACT);
+        fputc('\n', stdout);
+    }
+    json_decref(line);
+}
+
 static void
 on_event(const char *event, const char *data, size_t len, void *arg)
 {
     struct stream *s = arg;
     json_t *j;
 
-    if (strcmp(event, "stdout") == 0 || strcmp(event, "message") == 0) {
+    if (s->ndjson)
+        print_event_line(event, data, len);
+    if (s->ndjson && (strcmp(event, "stdout") == 0 ||
+                      strcmp(event, "stderr") == 0 ||
+                      strcmp(event, "message") == 0)) {
+        /* printed as JSON above */
+    } else if (strcmp(event, "stdout") == 0 ||
+               strcmp(event, "message") == 0) {
         emit_output(1, data, len);
     } else if (strcmp(event, "stderr") == 0) {
         emit_output(2, data, len);
@@ -201,7 +227,7 @@ run_stream(struct cli *c, const char *method, const char *path,
            json_t *body, bool is_exec)
 {
     struct cli_call k = {.method = method, .path = path, .json = body};
-    struct stream s = {.k = &k};
+    struct stream s = {.k = &k, .ndjson = c->json};
     int rv;
 
     sse_init(&s.sse);

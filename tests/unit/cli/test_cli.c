@@ -873,6 +873,14 @@ test_logs_exit_code(void **state)
     assert_int_equal(captured(logs_fn, &c, 2, plain, out, sizeof(out), errs,
                               sizeof(errs)), EXIT_OK);
     assert_string_equal(out, "x\n");
+    /* --json: one JSON line per event, the exit code still the process's. */
+    c.json = true;
+    assert_int_equal(captured(logs_fn, &c, 3, follow, out, sizeof(out), errs,
+                              sizeof(errs)), 4);
+    assert_string_equal(out, "{\"event\":\"stdout\",\"data\":{\"data\":"
+                             "\"eAo=\"}}\n{\"event\":\"exit\",\"data\":"
+                             "{\"exit_code\":4,\"signal\":null}}\n");
+    c.json = false;
     /* A 404 is paddock's failure, not a process that exited 3. */
     assert_int_equal(captured(logs_fn, &c, 3, gone, out, sizeof(out), errs,
                               sizeof(errs)), EXIT_EXEC_FAILED);
