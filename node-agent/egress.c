@@ -9,6 +9,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <jansson.h>
+
 #include "common/log.h"
 #include "common/util.h"
 
@@ -18,6 +20,8 @@
 #define READ_CHUNK (64u << 10)
 
 static uint64_t stat_requests, stat_denied;
+
+struct cred;
 
 enum px_state { PX_HEAD, PX_RESOLVE, PX_CONNECT, PX_PIPE, PX_DONE };
 
@@ -42,6 +46,7 @@ struct pxconn {
     char host[256];
     unsigned port;
     char *out;           /* rewritten head for plain HTTP */
+    const struct cred *cred; /* header to add upstream (tokens), or NULL */
     size_t outlen;
     /* The listener that accepted it, until that one goes. */
     const struct agent_egress_listener *owner;
@@ -127,6 +132,337 @@ agent_egress_allowed(const char *allow, const char *host, unsigned port)
             p++;
     }
     return false;
+}
+
+/* ---- sandbox tokens and upstream credentials (added by tokens) --------- */
+
+/*
+ * A sandbox with an allow list gets a sandbox-scoped token in its
+ * environment (PADDOCK_TOKEN, minted by the leader at create). The guest
+ * presents it as "Proxy-Authorization: Bearer <token>"; the proxy accepts
+ * it only when it is exactly the token the scheduler handed this agent for
+ * this sandbox (over mutual TLS, in SANDBOX_CREATE, compared in constant
+ * time), it has not expired, and its jti is not in the revoked set that
+ * the leader pushes (TOKEN_REVOKE, and the whole set at registration).
+ * No signature check is needed: the agent never trusts a token it was not
+ * given. A presented token that fails any check is a 407 for that request,
+ * CONNECT included, so a revoked token stops working at once.
+ *
+ * Credentials: the operator lists, in the file named by
+ * PADDOCK_EGRESS_CREDENTIALS (mode 0600, read once), lines of
+ *     host Header-Name: value
+ * For a plain-HTTP request to such a host with a valid token, the proxy
+ * adds that header (replacing any the guest sent), so the sandbox uses the
+ * credential without ever seeing it; without a valid token it answers
+ * 407. CONNECT tunnels are opaque (TLS), so no header can be added there.
+ */
+#define TOKEN_MAX 4096
+#define REVOKED_MAX 100000
+
+struct sbtoken {
+    char sandbox[PD_ID_MAX + 1];
+    char *token;
+    char jti[64];
+    uint64_t exp_s;
+    struct sbtoken *next;
+};
+
+struct revoked {
+    char jti[64];
+    uint64_t exp_s;
+};
+
+struct cred {
+    char host[256];
+    char *header;    /* "Name: value" */
+    size_t name_len; /* of "Name" */
+    struct cred *next;
+};
+
+static struct sbtoken *sbtokens;
+static struct revoked *revoked_v;
+static size_t revoked_n, revoked_cap;
+static struct cred *creds;
+static bool creds_loaded;
+static uint64_t stat_token_refused;
+
+static int
+b64url_val(char c)
+{
+    if (c >= 'A' && c <= 'Z')
+        return c - 'A';
+    if (c >= 'a' && c <= 'z')
+        return c - 'a' + 26;
+    if (c >= '0' && c <= '9')
+        return c - '0' + 52;
+    if (c == '-')
+        return 62;
+    if (c == '_')
+        return 63;
+    return -1;
+}
+
+/* Decodes unpadded base64url; the length, or -1. */
+static long
+b64url_decode(const char *in, size_t len, char *out, size_t outlen)
+{
+    uint32_t acc = 0;
+    size_t o = 0;
+    int bits = 0;
+
+    for (size_t i = 0; i < len; i++) {
+        int v = b64url_val(in[i]);
+
+        if (v < 0)
+            return -1;
+        acc = (acc << 6) | (uint32_t)v;
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            if (o >= outlen)
+                return -1;
+            out[o++] = (char)((acc >> bits) & 0xff);
+        }
+    }
+    return (long)o;
+}
+
+/* jti and exp of a token's payload (the agent only reads what it was
+ * given by the scheduler). */
+static int
+token_claims(const char *token, char *jti, size_t jtilen, uint64_t *exp_s)
+{
+    const char *d1 = strchr(token, '.'), *d2;
+    char buf[2048];
+    json_t *j;
+    long n;
+    int rv = -EINVAL;
+
+    if (d1 == NULL || (d2 = strchr(d1 + 1, '.')) == NULL)
+        return -EINVAL;
+    n = b64url_decode(d1 + 1, (size_t)(d2 - d1 - 1), buf, sizeof(buf));
+    if (n < 0 || (j = json_loadb(buf, (size_t)n, 0, NULL)) == NULL)
+        return -EINVAL;
+    if (json_is_string(json_object_get(j, "jti")) &&
+        json_is_integer(json_object_get(j, "exp")) &&
+        json_integer_value(json_object_get(j, "exp")) > 0) {
+        pd_strlcpy(jti, json_string_value(json_object_get(j, "jti")),
+                   jtilen);
+        *exp_s = (uint64_t)json_integer_value(json_object_get(j, "exp"));
+        rv = 0;
+    }
+    json_decref(j);
+    return rv;
+}
+
+int
+agent_egress_set_token(const char *sandbox, const char *token)
+{
+    struct sbtoken **pp, *t;
+    char jti[64];
+    uint64_t exp_s = 0;
+
+    for (pp = &sbtokens; *pp != NULL; pp = &(*pp)->next) {
+        if (strcmp((*pp)->sandbox, sandbox) == 0) {
+            t = *pp;
+            *pp = t->next;
+            explicit_bzero(t->token, strlen(t->token));
+            free(t->token);
+            free(t);
+            break;
+        }
+    }
+    if (token == NULL || token[0] == '\0')
+        return 0;
+    if (strlen(token) > TOKEN_MAX ||
+        token_claims(token, jti, sizeof(jti), &exp_s) != 0)
+        return -EINVAL;
+    t = calloc(1, sizeof(*t));
+    if (t == NULL || (t->token = strdup(token)) == NULL) {
+        free(t);
+        return -ENOMEM;
+    }
+    pd_strlcpy(t->sandbox, sandbox, sizeof(t->sandbox));
+    pd_strlcpy(t->jti, jti, sizeof(t->jti));
+    t->exp_s = exp_s;
+    t->next = sbtokens;
+    sbtokens = t;
+    return 0;
+}
+
+static bool
+is_revoked(const char *jti)
+{
+    for (size_t i = 0; i < revoked_n; i++)
+        if (strcmp(revoked_v[i].jti, jti) == 0)
+            return true;
+    return false;
+}
+
+int
+agent_egress_revoke(const char *jti, uint64_t exp_s)
+{
+    uint64_t now = pd_wall_ms() / 1000;
+    size_t i, k = 0;
+
+    if (jti == NULL || jti[0] == '\0' || strlen(jti) >= 64)
+        return -EINVAL;
+    if (is_revoked(jti))
+        return 0;
+    /* Expired entries go: an expired token is refused anyway. */
+    for (i = 0; i < revoked_n; i++)
+        if (revoked_v[i].exp_s == 0 || revoked_v[i].exp_s + 60 > now)
+            revoked_v[k++] = revoked_v[i];
+    revoked_n = k;
+    if (exp_s != 0 && exp_s + 60 <= now)
+        return 0;
+    if (revoked_n == revoked_cap) {
+        size_t cap = revoked_cap ? revoked_cap * 2 : 64;
+        struct revoked *v;
+
+        if (cap > REVOKED_MAX)
+            return -ENOSPC;
+        v = realloc(revoked_v, cap * sizeof(*v));
+        if (v == NULL)
+            return -ENOMEM;
+        revoked_v = v;
+        revoked_cap = cap;
+    }
+    pd_strlcpy(revoked_v[revoked_n].jti, jti, sizeof(revoked_v[0].jti));
+    revoked_v[revoked_n].exp_s = exp_s;
+    revoked_n++;
+    pd_info("egress", "token %s revoked; the proxy refuses it from now on",
+            jti);
+    return 0;
+}
+
+static bool
+ct_streq(const char *a, const char *b)
+{
+    size_t la = strlen(a), lb = strlen(b);
+    unsigned char d = la != lb;
+
+    for (size_t i = 0; i < la && i < lb; i++)
+        d |= (unsigned char)(a[i] ^ b[i]);
+    return d == 0;
+}
+
+/* NULL when the sandbox's token is good, else why not. */
+static const char *
+token_check(const char *sandbox, const char *token)
+{
+    struct sbtoken *t;
+
+    for (t = sbtokens; t != NULL; t = t->next)
+        if (strcmp(t->sandbox, sandbox) == 0)
+            break;
+    if (t == NULL || !ct_streq(t->token, token))
+        return "not this sandbox's token";
+    if (pd_wall_ms() / 1000 >= t->exp_s)
+        return "token expired";
+    if (is_revoked(t->jti))
+        return "token revoked";
+    return NULL;
+}
+
+static void
+creds_load(void)
+{
+    const char *path = getenv("PADDOCK_EGRESS_CREDENTIALS");
+    struct stat st;
+    char line[8192];
+    FILE *f;
+
+    creds_loaded = true;
+    if (path == NULL || path[0] == '\0')
+        return;
+    f = fopen(path, "r");
+    if (f == NULL) {
+        pd_log_errno(PD_LOG_WARN, errno, "egress", "cannot read %s; no "
+                     "credentials are injected", path);
+        return;
+    }
+    if (fstat(fileno(f), &st) != 0 || (st.st_mode & 077) != 0) {
+        pd_warn("egress", "%s is readable by group or others; no "
+                "credentials are injected", path);
+        fclose(f);
+        return;
+    }
+    while (fgets(line, sizeof(line), f) != NULL) {
+        char *sp, *colon, *end = line + strcspn(line, "\r\n");
+        struct cred *c;
+
+        *end = '\0';
+        if (line[0] == '#' || line[0] == '\0')
+            continue;
+        sp = strchr(line, ' ');
+        colon = sp ? strchr(sp + 1, ':') : NULL;
+        if (sp == NULL || colon == NULL || (size_t)(sp - line) >= 256 ||
+            colon == sp + 1) {
+            pd_warn("egress", "%s: a line is not \"host Name: value\", "
+                    "ignoring it", path);
+            continue;
+        }
+        c = calloc(1, sizeof(*c));
+        if (c == NULL || (c->header = strdup(sp + 1)) == NULL) {
+            free(c);
+            break;
+        }
+        memcpy(c->host, line, (size_t)(sp - line));
+        c->name_len = (size_t)(colon - sp - 1);
+        c->next = creds;
+        creds = c;
+    }
+    fclose(f);
+}
+
+static const struct cred *
+cred_for(const char *host)
+{
+    if (!creds_loaded)
+        creds_load();
+    for (const struct cred *c = creds; c != NULL; c = c->next)
+        if (strcasecmp(c->host, host) == 0)
+            return c;
+    return NULL;
+}
+
+/* The bearer token of a Proxy-Authorization line in [h, end), or NULL;
+ * copied into out. */
+static const char *
+proxy_bearer(const char *h, const char *end, char *out, size_t outlen)
+{
+    static const char name[] = "proxy-authorization:";
+
+    for (const char *l = h; l < end;) {
+        const char *nl = memchr(l, '\n', (size_t)(end - l));
+        size_t ll = nl ? (size_t)(nl - l) : (size_t)(end - l);
+
+        if (ll > sizeof(name) - 1 &&
+            strncasecmp(l, name, sizeof(name) - 1) == 0) {
+            const char *v = l + sizeof(name) - 1, *ve = l + ll;
+
+            while (v < ve && (*v == ' ' || *v == '\t'))
+                v++;
+            while (ve > v && (ve[-1] == '\r' || ve[-1] == ' '))
+                ve--;
+            if ((size_t)(ve - v) > 7 && strncasecmp(v, "Bearer ", 7) == 0 &&
+                (size_t)(ve - v - 7) < outlen) {
+                memcpy(out, v + 7, (size_t)(ve - v - 7));
+                out[ve - v - 7] = '\0';
+                return out;
+            }
+            return "";
+        }
+        l += ll + 1;
+    }
+    return NULL;
+}
+
+uint64_t
+agent_egress_token_refused(void)
+{
+    return stat_token_refused;
 }
 
 /* ---- connection life --------------------------------------------------- */
@@ -525,7 +861,8 @@ rewrite_head(struct pxconn *px, const char *method, size_t mlen,
              const char *path, size_t plen, const char *version,
              const char *headers, const char *end)
 {
-    size_t cap = (size_t)(end - headers) + plen + mlen + 64;
+    size_t cap = (size_t)(end - headers) + plen + mlen + 64 +
+                 (px->cred != NULL ? strlen(px->cred->header) + 2 : 0);
     char *out = malloc(cap);
     size_t o = 0;
 
@@ -537,12 +874,17 @@ rewrite_head(struct pxconn *px, const char *method, size_t mlen,
         const char *nl = memchr(l, '\n', (size_t)(end - l));
         size_t ll = nl ? (size_t)(nl - l) + 1 : (size_t)(end - l);
 
-        if (!drop_header(l, ll)) {
+        if (!drop_header(l, ll) &&
+            !(px->cred != NULL && ll > px->cred->name_len &&
+              l[px->cred->name_len] == ':' &&
+              strncasecmp(l, px->cred->header, px->cred->name_len) == 0)) {
             memcpy(out + o, l, ll);
             o += ll;
         }
         l += ll;
     }
+    if (px->cred != NULL)
+        o += (size_t)snprintf(out + o, cap - o, "%s\r\n", px->cred->header);
     o += (size_t)snprintf(out + o, cap - o, "Connection: close\r\n\r\n");
     free(px->out);
     px->out = out;
@@ -575,6 +917,52 @@ start_upstream(struct pxconn *px)
     }
 }
 
+/* The sandbox token and credential decision for one request (see
+ * "sandbox tokens" above); false after answering 407. */
+static bool
+token_gate(struct pxconn *px, const char *headers, const char *end)
+{
+    char tok[TOKEN_MAX + 1], msg[512];
+    const char *bearer = proxy_bearer(headers, end, tok, sizeof(tok));
+    const struct cred *cred = cred_for(px->host);
+    const char *why = NULL;
+    int n;
+
+    px->cred = NULL;
+    if (bearer != NULL)
+        why = bearer[0] != '\0' ? token_check(px->sandbox, bearer)
+                                : "Proxy-Authorization is not Bearer <token>";
+    else if (cred != NULL && !px->is_connect)
+        why = "this host needs the sandbox token (Proxy-Authorization: "
+              "Bearer $PADDOCK_TOKEN)";
+    if (why == NULL) {
+        if (!px->is_connect && bearer != NULL)
+            px->cred = cred;
+        return true;
+    }
+    stat_token_refused++;
+    pd_info("egress", "sandbox %s: %s:%u refused: %s", px->sandbox,
+            px->host, px->port, why);
+    n = snprintf(msg, sizeof(msg),
+                 "HTTP/1.1 407 Proxy Authentication Required\r\n"
+                 "Proxy-Authenticate: Bearer realm=\"paddock\"\r\n"
+                 "Content-Type: text/plain\r\nContent-Length: %zu\r\n"
+                 "Connection: close\r\n\r\npaddock egress: %s\n",
+                 strlen(why) + 17, why);
+    if (px->client != NULL && n > 0 && (size_t)n < sizeof(msg))
+        px_write_copy(px, px->client, msg, (size_t)n);
+    /* As reply() does: the refused head goes, the next request follows. */
+    if (px->head_end > 0 && px->head_end <= px->len) {
+        memmove(px->buf, px->buf + px->head_end, px->len - px->head_end);
+        px->len -= px->head_end;
+    } else {
+        px->len = 0;
+    }
+    px->head_end = 0;
+    exchange_done(px);
+    return false;
+}
+
 /* Parses a complete head in buf; replies and returns on bad input. */
 static void
 parse_head(struct pxconn *px, const char *end)
@@ -603,6 +991,8 @@ parse_head(struct pxconn *px, const char *end)
             reply(px, 400, "Bad Request", "paddock egress: bad target\n");
             return;
         }
+        if (!token_gate(px, line_end + 2, end))
+            return;
     } else {
         const char *hp, *slash;
 
@@ -615,8 +1005,13 @@ parse_head(struct pxconn *px, const char *end)
         hp = target + 7;
         slash = memchr(hp, '/', tlen - 7);
         if (split_hostport(hp, slash ? (size_t)(slash - hp) : tlen - 7, 80,
-                           px->host, sizeof(px->host), &px->port) != 0 ||
-            rewrite_head(px, px->buf, mlen, slash ? slash : "/",
+                           px->host, sizeof(px->host), &px->port) != 0) {
+            reply(px, 400, "Bad Request", "paddock egress: bad target\n");
+            return;
+        }
+        if (!token_gate(px, line_end + 2, end))
+            return;
+        if (rewrite_head(px, px->buf, mlen, slash ? slash : "/",
                          slash ? (size_t)(target + tlen - slash) : 1,
                          version, line_end + 2, end - 2) != 0) {
             reply(px, 400, "Bad Request", "paddock egress: bad target\n");

@@ -68,4 +68,13 @@ void agent_egress_unlisten(struct agent_egress_listener *l);
 uint64_t agent_egress_requests(void);
 uint64_t agent_egress_denied(void);
 
+/*
+ * Sandbox tokens (added by tokens; see egress.c): the token handed over in
+ * SANDBOX_CREATE's environment (PADDOCK_TOKEN), NULL to forget it; a
+ * revoked jti with its exp (seconds); requests refused for a bad token.
+ */
+int agent_egress_set_token(const char *sandbox, const char *token);
+int agent_egress_revoke(const char *jti, uint64_t exp_s);
+uint64_t agent_egress_token_refused(void);
+
 #endif

@@ -274,6 +274,20 @@ read_env(const struct pd_msg *m, char **out, char *err, size_t errlen)
     return *out ? 0 : -ENOMEM;
 }
 
+/* The sandbox-scoped token the leader put in the environment, for the
+ * egress proxy (added by tokens). */
+static void
+egress_token_from_env(const char *id, const char *env_json)
+{
+    json_t *j = env_json != NULL ? json_loads(env_json, 0, NULL) : NULL;
+    const char *tok = json_string_value(json_object_get(j, "PADDOCK_TOKEN"));
+
+    if (agent_egress_set_token(id, tok) != 0)
+        pd_warn("rpc", "sandbox %s: its PADDOCK_TOKEN is not a token; the "
+                "egress proxy will refuse it", id);
+    json_decref(j);
+}
+
 static void
 do_create(struct rpc_peer *p, const struct pd_msg *m)
 {
@@ -341,6 +355,8 @@ do_create(struct rpc_peer *p, const struct pd_msg *m)
         p->refs++;
     }
     rv = sb_create(a, &spec, cw ? &cw->w : NULL, err, sizeof(err));
+    if (rv == 0)
+        egress_token_from_env(id, env);
     free(env);
     if (rv != 0) {
         if (cw != NULL) {
@@ -390,6 +406,7 @@ do_destroy(struct rpc_peer *p, const struct pd_msg *m)
         send_err(p, m->id, EINVAL, "sandbox: want a sandbox id");
         return;
     }
+    agent_egress_set_token(id, NULL); /* tokens: its token dies with it */
     dw = calloc(1, sizeof(*dw));
     if (dw == NULL) {
         send_err(p, m->id, ENOMEM, "out of memory");
@@ -611,12 +628,23 @@ agent_rpc_dispatch(struct agent *a, struct pd_conn *c,
     case PD_MSG_AGENT_INFO:
         do_info(p, m);
         return;
-    case PD_MSG_TOKEN_REVOKE:
-        /* TODO: keep revoked sandbox-token ids for the egress proxy once
-         * the Tokens issue gives the proxy tokens to check. */
-        pd_enc_begin(&e, PD_MSG_OK, m->id);
-        pd_conn_send(c, &e);
+    case PD_MSG_TOKEN_REVOKE: {
+        /* The egress proxy refuses the token from now on (tokens). */
+        char jti[64] = "";
+        uint64_t exp = 0;
+
+        pd_msg_u64(m, "exp", &exp);
+        if (pd_msg_cstr(m, "jti", jti, sizeof(jti)) != 0 ||
+            agent_egress_revoke(jti, exp) != 0) {
+            send_err(p, m->id, EINVAL, "TOKEN_REVOKE: want {jti, exp}");
+            return;
+        }
+        if (m->id != 0) {
+            pd_enc_begin(&e, PD_MSG_OK, m->id);
+            pd_conn_send(c, &e);
+        }
         return;
+    }
     case PD_MSG_CANCEL:
     case PD_MSG_WINDOW:
     case PD_MSG_DATA:

@@ -9,24 +9,68 @@ API rate limit answers 429 with Retry-After; key rotation keeps old tokens
 working until the old key is retired; expired tokens are collected.
 """
 import base64
+import http.server
 import json
 import os
 import stat
+import threading
 import time
 
 import pytest
 
-from conftest import Cluster, http_json, wait_for
+from conftest import Cluster, free_port, http_json, wait_for
 
 GC_MS = 1000
+SECRET = "real-secret-4711"
+
+
+class Upstream:
+    """An HTTP server on the host's loopback that records what it got."""
+
+    def __init__(self):
+        seen = self.seen = []
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                seen.append(dict(self.headers))
+                body = b"upstream says hi\n"
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.port = free_port()
+        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", self.port),
+                                                   H)
+        self.t = threading.Thread(target=self.srv.serve_forever, daemon=True)
+        self.t.start()
+
+    def close(self):
+        self.srv.shutdown()
+        self.srv.server_close()
 
 
 @pytest.fixture(scope="module")
-def cl(module_procs, module_workdir, guest_image):
+def upstream():
+    u = Upstream()
+    yield u
+    u.close()
+
+
+@pytest.fixture(scope="module")
+def cl(module_procs, module_workdir, guest_image, upstream):
+    creds = os.path.join(module_workdir, "egress-credentials")
+    with open(creds, "w") as f:
+        f.write("# host Header: value\n127.0.0.1 X-Api-Key: %s\n" % SECRET)
+    os.chmod(creds, 0o600)
     c = Cluster(module_procs, module_workdir, schedulers=3, agents=1,
                 guest=guest_image,
                 sched_env={"PADDOCK_TOKEN_GC_MS": str(GC_MS)},
-                sched_args=["--rate_per_s", "20", "--rate_burst", "40"])
+                sched_args=["--rate_per_s", "20", "--rate_burst", "40"],
+                agent_env={"PADDOCK_EGRESS_CREDENTIALS": creds})
     # A token that expires at once, minted first so that its 10 s of
     # leeway pass while the other tests run.
     st, _h, body = c.api("POST", "/v1/tokens", {"tenant": "shortlived",
@@ -236,6 +280,69 @@ def test_expired_token_refused_then_collected(cl):
         st, _h, body = cl.api("GET", "/v1/tokens?tenant=shortlived")
         return st == 200 and body["tokens"] == []
     wait_for(collected, 10, "TOKEN_GC to drop the expired token")
+
+
+def guest_wget(cl, sb, url, header=None, token=None):
+    cmd = "wget -q -O - %s %s" % (
+        '--header "Proxy-Authorization: %s"' % header if header else "", url)
+    st, _h, body = cl.api("POST", "/v1/sandboxes/%s/exec" % sb, {
+        "command": cmd, "env": {"http_proxy": "http://10.0.2.100:3128"},
+        "timeout_ms": 30000}, token=token, timeout=60)
+    assert st == 200, body
+    return body
+
+
+def test_egress_sandbox_token_and_revocation(cl, upstream):
+    """The sandbox's own token opens its egress proxy, which adds the
+    operator's credential the guest never sees; revoked, it is refused."""
+    t = mint(cl, "egress-t")["token"]
+    st, _h, body = cl.api("POST", "/v1/sandboxes?wait=true", {
+        "id": "eg1", "cpus": 1, "memory_mb": 192, "disk_mb": 32,
+        "egress": "127.0.0.1:%d" % upstream.port}, token=t, timeout=180)
+    assert st in (200, 201) and body["state"] == "running", body
+    st, _h, body = cl.api("POST", "/v1/sandboxes/eg1/exec",
+                          {"command": "env"}, token=t)
+    env = dict(l.split("=", 1) for l in body["stdout"].splitlines()
+               if "=" in l)
+    tok = env["PADDOCK_TOKEN"]
+    claims = b64json(tok.split(".")[1])
+    assert claims["sandbox"] == "eg1" and claims["sub"] == "egress-t"
+    assert claims["exp"] - time.time() <= 1800
+    assert SECRET not in body["stdout"]
+    # The API does not take a sandbox token, not even for its sandbox.
+    st, _h, body = cl.api("GET", "/v1/sandboxes/eg1", token=tok)
+    assert st == 403, body
+
+    def routed():
+        st, _h, b = cl.api("POST", "/v1/sandboxes/eg1/exec", {
+            "command": "grep -q eth0 /proc/net/route"}, token=t)
+        return st == 200 and b["exit_code"] == 0
+    wait_for(routed, 30, "the guest's DHCP lease")
+
+    url = "http://127.0.0.1:%d/hello" % upstream.port
+    body = guest_wget(cl, "eg1", url, "Bearer $PADDOCK_TOKEN", token=t)
+    assert body["exit_code"] == 0, body
+    assert body["stdout"] == "upstream says hi\n"
+    got = upstream.seen[-1]
+    assert got.get("X-Api-Key") == SECRET, got
+    assert not any(k.lower() == "proxy-authorization" for k in got), got
+
+    n = len(upstream.seen)
+    body = guest_wget(cl, "eg1", url, token=t)           # no token
+    assert body["exit_code"] != 0 and "407" in body["stderr"], body
+    body = guest_wget(cl, "eg1", url, "Bearer x.y.z", token=t)
+    assert body["exit_code"] != 0 and "407" in body["stderr"], body
+    assert len(upstream.seen) == n
+
+    st, _h, body = cl.api("DELETE", "/v1/tokens/" + claims["jti"])
+    assert st == 200, body
+    agent = cl.agents[0]["proc"]
+    wait_for(lambda: "token %s revoked" % claims["jti"] in agent.log(), 5,
+             "the agent to learn the revocation")
+    body = guest_wget(cl, "eg1", url, "Bearer $PADDOCK_TOKEN", token=t)
+    assert body["exit_code"] != 0 and "407" in body["stderr"], body
+    assert len(upstream.seen) == n
+    assert "token revoked" in agent.log()
 
 
 def test_key_rotation_then_retire(cl):
