@@ -1,7 +1,9 @@
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <unistd.h>
 
 #include "cli/args.h"
@@ -130,11 +132,23 @@ sandbox_create_exit(const json_t *s, bool waited)
     return EXIT_OK;
 }
 
+/* "sb-" and 8 random hex digits: a valid sandbox id. */
+static int
+random_id(char *buf, size_t len)
+{
+    unsigned char r[4];
+
+    if (getrandom(r, sizeof(r), 0) != (ssize_t)sizeof(r))
+        return -errno;
+    snprintf(buf, len, "sb-%02x%02x%02x%02x", r[0], r[1], r[2], r[3]);
+    return 0;
+}
+
 static int
 create(struct cli *c, int argc, char **argv)
 {
     struct cli_args a;
-    char err[512], label[128];
+    char err[512], label[128], gen[16];
     json_t *body = NULL, *resp = NULL;
     char *path = NULL;
     struct cli_call k = {.method = "POST"};
@@ -145,8 +159,16 @@ create(struct cli *c, int argc, char **argv)
     int rv;
 
     if (cli_args_parse(argc, argv, create_opts, create_nopts, &a, err,
-                       sizeof(err)) < 0 ||
-        req_create(&a, &body, &path, err, sizeof(err)) != EXIT_OK)
+                       sizeof(err)) < 0)
+        return usage_error("%s", err);
+    /* No id: make one up, as E2B and Fly do; the summary names it. */
+    if (a.npos == 0 && !a.dashdash) {
+        if (random_id(gen, sizeof(gen)) < 0)
+            return usage_error("no id given and none could be made up: %s",
+                               strerror(errno));
+        a.pos[a.npos++] = gen;
+    }
+    if (req_create(&a, &body, &path, err, sizeof(err)) != EXIT_OK)
         return usage_error("%s", err);
     waited = !opt_set(&a, create_opts, create_nopts, "--no-wait");
     wait_to = opt_val(&a, create_opts, create_nopts, "--wait-timeout");
@@ -172,6 +194,8 @@ create(struct cli *c, int argc, char **argv)
             rv = EXIT_SERVER;
         } else if (c->json) {
             print_json(resp);
+        } else if (c->quiet && a.pos[0] == gen) {
+            printf("%s\n", gen); /* ID=$(paddock -q sandbox create) */
         } else if (!c->quiet) {
             sandbox_summary(resp, waited, pd_now_ms() - started);
             /* A first-hour hint, for a person only (never in a pipe). */

@@ -930,6 +930,7 @@ test_create_outcomes(void **state)
     char *huge[] = {c0, h, NULL};
     char *slow[] = {c0, s1, w, w2, NULL};
     char *nowait[] = {c0, s1, nw, NULL};
+    char *noid[] = {c0, nw, NULL};
 
     (void)state;
     snprintf(list, sizeof(list), "127.0.0.1:%d", port);
@@ -953,6 +954,15 @@ test_create_outcomes(void **state)
                               errs, sizeof(errs)), EXIT_OK);
     assert_string_equal(last_query, "");
     assert_string_equal(out, "sandbox slow: starting on node n1\n");
+    /* Without an id one is made up, and -q prints it alone. */
+    c.quiet = true;
+    assert_int_equal(captured(sandbox_fn, &c, 2, noid, out, sizeof(out),
+                              errs, sizeof(errs)), EXIT_OK);
+    assert_int_equal(strlen(out), 12);
+    assert_true(strncmp(out, "sb-", 3) == 0 && out[11] == '\n');
+    out[11] = '\0';
+    assert_true(pd_id_valid(out));
+    c.quiet = false;
     cli_free(&c);
 }
 
