@@ -66,6 +66,10 @@ cmd_port(struct cli *c, int argc, char **argv)
             print_json(resp);
         else if (rv == EXIT_OK)
             printf("%s\n", json_text(resp, "url", url, sizeof(url)));
+        /* Only the token's hash is kept: this is the one time it shows. */
+        if (rv == EXIT_OK && !c->json && !c->quiet && c->tty)
+            fprintf(stderr, "keep this URL: port ls shows it without its "
+                    "token\n");
         json_decref(resp);
         return rv;
     }
