@@ -108,7 +108,8 @@ get(struct cli *c, const char *id, const char *path, const char *local)
     struct cli_call k = {.method = "GET"};
     bool to_stdout = local == NULL || strcmp(local, "-") == 0;
     struct sink s = {0};
-    char *tmp = NULL, label[300];
+    struct stat st;
+    char *tmp = NULL, label[300], size[16];
     int rv;
 
     if (to_stdout) {
@@ -140,6 +141,11 @@ get(struct cli *c, const char *id, const char *path, const char *local)
         }
         if (rv != EXIT_OK)
             unlink(tmp);
+        if (rv == EXIT_OK && c->tty && !c->quiet && !c->json &&
+            stat(local, &st) == 0) {
+            fmt_bytes((uint64_t)st.st_size, size, sizeof(size));
+            fprintf(stderr, "saved %s to %s\n", size, local);
+        }
     } else if (fflush(stdout) != 0 && rv == EXIT_OK) {
         rv = EXIT_LOCAL;
     }
