@@ -605,3 +605,122 @@ fsm_cmd_decode(const void *buf, size_t len, struct fsm_cmd *out, char *err,
     }
     return 0;
 }
+
+/* ---- Batches ----------------------------------------------------------- */
+
+static const unsigned char batch_magic[4] = {'P', 'D', 'B', '1'};
+
+#define BATCH_HDR 8 /* magic, count */
+#define PART_HDR 8  /* length, 4 zero bytes */
+
+static void
+put_be32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)(v >> 24);
+    p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8);
+    p[3] = (unsigned char)v;
+}
+
+bool
+fsm_batch_is(const void *buf, size_t len)
+{
+    return len >= BATCH_HDR && memcmp(buf, batch_magic, 4) == 0;
+}
+
+int
+fsm_batch_encode(void *const *parts, const size_t *lens, size_t n,
+                 void **out, size_t *out_len)
+{
+    unsigned char *p;
+    size_t total = BATCH_HDR, off;
+
+    if (n == 0 || n > FSM_BATCH_MAX)
+        return -EINVAL;
+    for (size_t i = 0; i < n; i++) {
+        if (lens[i] == 0 || lens[i] % FSM_CMD_ALIGN != 0)
+            return -EINVAL;
+        if (lens[i] > FSM_BATCH_BYTES - total - PART_HDR)
+            return -EMSGSIZE;
+        total += PART_HDR + lens[i];
+    }
+    p = malloc(total);
+    if (p == NULL)
+        return -ENOMEM;
+    memcpy(p, batch_magic, 4);
+    put_be32(p + 4, (uint32_t)n);
+    off = BATCH_HDR;
+    for (size_t i = 0; i < n; i++) {
+        put_be32(p + off, (uint32_t)lens[i]);
+        memset(p + off + 4, 0, 4);
+        memcpy(p + off + PART_HDR, parts[i], lens[i]);
+        off += PART_HDR + lens[i];
+    }
+    *out = p;
+    *out_len = total;
+    return 0;
+}
+
+/* The container's shape, before any part is looked at. */
+static int
+batch_check(const unsigned char *p, size_t len, uint32_t *count, char *err,
+            size_t errlen)
+{
+    size_t off = BATCH_HDR;
+    uint32_t n;
+
+    if (!fsm_batch_is(p, len) || len % FSM_CMD_ALIGN != 0) {
+        snprintf(err, errlen, "not a padded batch (%zu bytes)", len);
+        return -EPROTO;
+    }
+    n = get_be32(p + 4);
+    if (n == 0 || n > FSM_BATCH_MAX) {
+        snprintf(err, errlen, "batch of %u parts", n);
+        return -EPROTO;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        size_t plen;
+
+        if (len - off < PART_HDR) {
+            snprintf(err, errlen, "part %u: truncated header", i);
+            return -EPROTO;
+        }
+        plen = get_be32(p + off);
+        if (plen == 0 || plen % FSM_CMD_ALIGN != 0 ||
+            get_be32(p + off + 4) != 0 || plen > len - off - PART_HDR) {
+            snprintf(err, errlen, "part %u: bad length %zu", i, plen);
+            return -EPROTO;
+        }
+        off += PART_HDR + plen;
+    }
+    if (off != len) {
+        snprintf(err, errlen, "%zu bytes after the last part", len - off);
+        return -EPROTO;
+    }
+    *count = n;
+    return 0;
+}
+
+int
+fsm_batch_each(const void *buf, size_t len,
+               int (*fn)(void *arg, const void *part, size_t part_len),
+               void *arg, char *err, size_t errlen)
+{
+    const unsigned char *p = buf;
+    size_t off = BATCH_HDR;
+    uint32_t n;
+    int rv;
+
+    rv = batch_check(p, len, &n, err, errlen);
+    if (rv != 0)
+        return rv;
+    for (uint32_t i = 0; i < n; i++) {
+        size_t plen = get_be32(p + off);
+
+        rv = fn(arg, p + off + PART_HDR, plen);
+        if (rv != 0)
+            return rv;
+        off += PART_HDR + plen;
+    }
+    return 0;
+}

@@ -248,4 +248,45 @@ void fsm_cmd_free(struct fsm_cmd *cmd);
 /* Frees a list of n key/value pairs and their strings (NULL-safe). */
 void fsm_kv_free(struct fsm_kv *kv, size_t n);
 
+/* ---- Batches ----------------------------------------------------------- */
+
+/*
+ * A batch is one Raft entry holding several encoded commands, so that the
+ * proposals of one loop iteration cost one log entry, one replication
+ * message and one disk write instead of one each. It is a container, not a
+ * command: each part is an entry of fsm_cmd_encode, applied by the FSM one
+ * after the other in its own transaction, with its own request id and
+ * result, exactly as if it had been an entry of its own. The layout is
+ *
+ *     "PDB1" [4-byte big-endian count]
+ *     count times: [4-byte big-endian length][4 zero bytes][part]
+ *
+ * where each part's length is a multiple of 8, so the batch is too. The
+ * magic can never start a command, whose first 4 bytes are a length far
+ * below it. Parts are never batches themselves.
+ */
+#define FSM_BATCH_MAX 4096             /* parts in one batch */
+#define FSM_BATCH_BYTES (4u << 20)     /* a batch's size, at most */
+
+/* True when the entry is a batch (by its magic; not yet validated). */
+bool fsm_batch_is(const void *buf, size_t len);
+
+/*
+ * Encodes n parts (each from fsm_cmd_encode) into a malloc'd batch.
+ * Returns 0, -EINVAL (n is 0 or over FSM_BATCH_MAX, a part not padded),
+ * -EMSGSIZE (over FSM_BATCH_BYTES) or -ENOMEM.
+ */
+int fsm_batch_encode(void *const *parts, const size_t *lens, size_t n,
+                     void **out, size_t *out_len);
+
+/*
+ * Calls fn for each part of a batch, in order, after checking the whole
+ * container (magic, count, every length and padding) first, so fn sees
+ * either every part or none. fn's non-zero return stops the walk and is
+ * returned. -EPROTO with the reason in err for a malformed batch.
+ */
+int fsm_batch_each(const void *buf, size_t len,
+                   int (*fn)(void *arg, const void *part, size_t part_len),
+                   void *arg, char *err, size_t errlen);
+
 #endif

@@ -1639,6 +1639,36 @@ fsm_restore_bytes(struct fsm *f, const void *buf, size_t len)
 }
 
 static int
+apply_part(void *arg, const void *part, size_t len)
+{
+    return fsm_apply_buf(arg, part, len, NULL);
+}
+
+/*
+ * A batch's parts one by one, each in its own transaction with its own
+ * result (cmd.h): a part that fails leaves the others applied, and a
+ * duplicate part is answered from the applied table as it would be alone.
+ * A malformed container changes nothing, the same way on every member.
+ */
+int
+fsm_apply_entry(struct fsm *f, const void *buf, size_t len)
+{
+    char err[200];
+    int rv;
+
+    if (!fsm_batch_is(buf, len))
+        return fsm_apply_buf(f, buf, len, NULL);
+    rv = fsm_batch_each(buf, len, apply_part, f, err, sizeof(err));
+    if (rv == -EPROTO) {
+        memset(&f->last_rid, 0, sizeof(f->last_rid));
+        f->have_last = false;
+        f->applied++;
+        return 0;
+    }
+    return rv;
+}
+
+static int
 fsm_raft_apply(struct raft_fsm *rfsm, const struct raft_buffer *buf,
                void **result)
 {
@@ -1646,8 +1676,7 @@ fsm_raft_apply(struct raft_fsm *rfsm, const struct raft_buffer *buf,
 
     /* Results travel by request id (fsm_result_get), never by pointer. */
     *result = NULL;
-    return fsm_apply_buf(f, buf->base, buf->len, NULL) == 0 ? 0
-                                                            : RAFT_IOERR;
+    return fsm_apply_entry(f, buf->base, buf->len) == 0 ? 0 : RAFT_IOERR;
 }
 
 /* Version 1 FSM: raft frees the buffers with raft_free after the

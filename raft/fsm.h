@@ -102,6 +102,13 @@ const char *fsm_errmsg(const struct fsm *f);
 int fsm_apply_buf(struct fsm *f, const void *buf, size_t len,
                   struct fsm_result *res);
 
+/*
+ * Applies one Raft entry as raft does: a command (fsm_apply_buf), or a
+ * batch of them (cmd.h), each part in its own transaction with its own
+ * result under its request id. Returns as fsm_apply_buf.
+ */
+int fsm_apply_entry(struct fsm *f, const void *buf, size_t len);
+
 /* Same for a command struct: encodes it, then applies it. */
 int fsm_apply_cmd(struct fsm *f, const struct fsm_cmd *cmd,
                   struct fsm_result *res);

@@ -46,6 +46,20 @@ struct raftnode {
     raftnode_done_cb transfer_cb;
     void *transfer_data;
 
+    /*
+     * Proposals of this loop iteration, sent as one entry (a batch,
+     * raft/cmd.h) from the idle handle, which also keeps the loop from
+     * blocking while they wait. Proposals whose raft_apply failed wait
+     * in failed for the same handle, so that their callbacks never run
+     * inside someone's raftnode_propose.
+     */
+    uv_idle_t flush;
+    void **q_enc;
+    size_t *q_len;
+    struct pitem *q_item;
+    size_t q_n, q_cap, q_bytes;
+    struct propose *failed;
+
     bool closing;
     bool close_transfer;
     int handles_open;
@@ -55,12 +69,21 @@ struct raftnode {
     char err[RAFT_ERRMSG_BUF_SIZE + 128];
 };
 
-struct propose {
-    struct raft_apply req;
-    struct raftnode *n;
+/* One proposal: its request id and who waits for its result. */
+struct pitem {
     struct fsm_rid rid;
     raftnode_apply_cb cb;
     void *data;
+};
+
+/* One Raft entry: a command, or a batch of count commands. */
+struct propose {
+    struct raft_apply req;
+    struct raftnode *n;
+    struct propose *next; /* on n->failed */
+    int status;           /* why raft_apply refused it */
+    size_t count;
+    struct pitem items[];
 };
 
 struct barrier {
@@ -252,6 +275,11 @@ close_transport(struct raftnode *n)
 static void
 free_node(struct raftnode *n)
 {
+    for (size_t i = 0; i < n->q_n; i++)
+        free(n->q_enc[i]);
+    free(n->q_enc);
+    free(n->q_len);
+    free(n->q_item);
     free(n->bootstrap);
     free(n);
 }
@@ -290,8 +318,10 @@ raftnode_new(struct raftnode **out, uv_loop_t *loop, struct fsm *fsm,
     }
     uv_timer_init(loop, &n->poll);
     uv_timer_init(loop, &n->defer);
+    uv_idle_init(loop, &n->flush);
     n->poll.data = n->defer.data = n;
-    n->handles_open = 2;
+    n->flush.data = n;
+    n->handles_open = 3;
     *out = n;
     return 0;
 }
@@ -337,25 +367,182 @@ static void
 apply_done(struct raft_apply *req, int status, void *result)
 {
     struct propose *p = req->data;
-    struct fsm_result res;
     int rv = map_rv(status);
 
     PD_UNUSED(result); /* results travel by request id (fsm.h) */
-    if (rv == 0) {
-        rv = fsm_result_get(p->n->fsm, &p->rid, &res);
-        if (rv != 0)
-            set_err(p->n, "applied entry has no stored result");
+    for (size_t i = 0; i < p->count; i++) {
+        struct pitem *it = &p->items[i];
+        struct fsm_result res;
+        int st = rv;
+
+        if (st == 0) {
+            st = fsm_result_get(p->n->fsm, &it->rid, &res);
+            if (st != 0)
+                set_err(p->n, "applied entry has no stored result");
+        }
+        it->cb(it->data, st, st == 0 ? &res : NULL);
     }
-    p->cb(p->data, rv, rv == 0 ? &res : NULL);
     free(p);
 }
 
+/* Calls back the proposals raft refused, outside any caller's call. */
+static void
+deliver_failed(struct raftnode *n)
+{
+    while (n->failed != NULL) {
+        struct propose *p = n->failed;
+
+        n->failed = p->next;
+        for (size_t i = 0; i < p->count; i++)
+            p->items[i].cb(p->items[i].data, p->status, NULL);
+        free(p);
+    }
+}
+
+/* The queue as one entry: the command itself when it is alone, so that a
+ * quiet cluster's log looks as before; a batch otherwise. */
+static int
+queue_entry(struct raftnode *n, struct raft_buffer *buf)
+{
+    void *one = n->q_enc[0], *batch = NULL;
+    size_t len = n->q_len[0];
+    int rv;
+
+    if (n->q_n > 1) {
+        rv = fsm_batch_encode(n->q_enc, n->q_len, n->q_n, &batch, &len);
+        if (rv != 0)
+            return rv;
+        one = batch;
+    }
+    /* raft owns the entry's memory once raft_apply succeeds and frees
+     * it with raft_free, so it must come from raft_malloc. */
+    buf->base = raft_malloc(len);
+    if (buf->base != NULL)
+        memcpy(buf->base, one, len);
+    buf->len = len;
+    free(batch);
+    return buf->base != NULL ? 0 : -ENOMEM;
+}
+
+static void flush_cb(uv_idle_t *h);
+
+/* Sends the queued proposals as one entry. */
+static void
+flush(struct raftnode *n)
+{
+    struct raft_buffer buf;
+    struct propose *p;
+    size_t count = n->q_n;
+    int rv;
+
+    if (count == 0)
+        return;
+    p = calloc(1, sizeof(*p) + count * sizeof(p->items[0]));
+    rv = p != NULL ? queue_entry(n, &buf) : -ENOMEM;
+    if (p != NULL) {
+        memcpy(p->items, n->q_item, count * sizeof(p->items[0]));
+        p->count = count;
+        p->n = n;
+        p->req.data = p;
+    }
+    for (size_t i = 0; i < count; i++)
+        free(n->q_enc[i]);
+    n->q_n = 0;
+    n->q_bytes = 0;
+    if (p == NULL) {
+        /* Nothing to call back with: the items are lost with the memory;
+         * say so loudly, as this cannot be reported per proposal. */
+        set_err(n, "propose: out of memory; %zu proposals dropped", count);
+        pd_error("raft", "member %llu: %s", (unsigned long long)n->id,
+                 n->err);
+        return;
+    }
+    if (rv == 0) {
+        rv = raft_apply(&n->raft, &p->req, &buf, 1, apply_done);
+        if (rv != 0) {
+            set_err(n, "propose %zu commands: %s", count,
+                    raft_errmsg(&n->raft));
+            raft_free(buf.base);
+            rv = map_rv(rv);
+        }
+    }
+    if (rv != 0) {
+        p->status = rv;
+        p->next = n->failed;
+        n->failed = p;
+        uv_idle_start(&n->flush, flush_cb);
+    }
+}
+
+static void
+flush_cb(uv_idle_t *h)
+{
+    struct raftnode *n = h->data;
+
+    uv_idle_stop(h);
+    if (n->closing)
+        return; /* close_now answers what is queued */
+    flush(n);
+    deliver_failed(n);
+}
+
+/* Answers every queued proposal with status (closing). */
+static void
+fail_queued(struct raftnode *n, int status)
+{
+    struct pitem *items = n->q_item;
+    size_t count = n->q_n;
+
+    for (size_t i = 0; i < count; i++)
+        free(n->q_enc[i]);
+    n->q_n = 0;
+    n->q_bytes = 0;
+    n->q_item = NULL;
+    n->q_cap = 0;
+    free(n->q_enc);
+    free(n->q_len);
+    n->q_enc = NULL;
+    n->q_len = NULL;
+    for (size_t i = 0; i < count; i++)
+        items[i].cb(items[i].data, status, NULL);
+    free(items);
+    deliver_failed(n);
+}
+
+static int
+queue_grow(struct raftnode *n)
+{
+    size_t cap = n->q_cap != 0 ? n->q_cap * 2 : 64;
+    void **enc = realloc(n->q_enc, cap * sizeof(*enc));
+    size_t *len;
+    struct pitem *item;
+
+    if (enc == NULL)
+        return -ENOMEM;
+    n->q_enc = enc;
+    len = realloc(n->q_len, cap * sizeof(*len));
+    if (len == NULL)
+        return -ENOMEM;
+    n->q_len = len;
+    item = realloc(n->q_item, cap * sizeof(*item));
+    if (item == NULL)
+        return -ENOMEM;
+    n->q_item = item;
+    n->q_cap = cap;
+    return 0;
+}
+
+/*
+ * Queues the command for this iteration's entry. raft_apply happens in
+ * flush_cb, after the callbacks of this loop iteration, so that a burst
+ * of requests becomes one entry; the leader check here keeps the
+ * synchronous RAFTNODE_ENOTLEADER of the contract.
+ */
 int
 raftnode_propose(struct raftnode *n, const struct fsm_cmd *cmd,
                  raftnode_apply_cb cb, void *data)
 {
-    struct raft_buffer buf;
-    struct propose *p;
+    struct pitem *it;
     void *enc;
     size_t len;
     int rv;
@@ -367,34 +554,26 @@ raftnode_propose(struct raftnode *n, const struct fsm_cmd *cmd,
     rv = fsm_cmd_encode(cmd, &enc, &len);
     if (rv != 0)
         return rv;
-
-    /* raft owns the entry's memory once raft_apply succeeds and frees it
-     * with raft_free, so it must come from raft_malloc. */
-    buf.base = raft_malloc(len);
-    p = calloc(1, sizeof(*p));
-    if (buf.base == NULL || p == NULL) {
-        raft_free(buf.base);
-        free(p);
+    if (len > FSM_BATCH_BYTES / 2) {
         free(enc);
-        return -ENOMEM;
+        return -EMSGSIZE;
     }
-    memcpy(buf.base, enc, len);
-    buf.len = len;
-    free(enc);
-
-    p->req.data = p;
-    p->n = n;
-    p->rid = cmd->rid;
-    p->cb = cb;
-    p->data = data;
-    rv = raft_apply(&n->raft, &p->req, &buf, 1, apply_done);
-    if (rv != 0) {
-        set_err(n, "propose %s: %s", fsm_cmd_name(cmd->type),
-                raft_errmsg(&n->raft));
-        raft_free(buf.base);
-        free(p);
-        return map_rv(rv);
+    /* A full batch goes now; this command starts the next one. */
+    if (n->q_n == FSM_BATCH_MAX || n->q_bytes + len > FSM_BATCH_BYTES / 2)
+        flush(n);
+    if (n->q_n == n->q_cap && (rv = queue_grow(n)) != 0) {
+        free(enc);
+        return rv;
     }
+    it = &n->q_item[n->q_n];
+    it->rid = cmd->rid;
+    it->cb = cb;
+    it->data = data;
+    n->q_enc[n->q_n] = enc;
+    n->q_len[n->q_n] = len;
+    n->q_n++;
+    n->q_bytes += len + 8;
+    uv_idle_start(&n->flush, flush_cb);
     return 0;
 }
 
@@ -645,6 +824,7 @@ raft_closed(struct raft *r)
     close_transport(n);
     uv_close((uv_handle_t *)&n->poll, handle_closed);
     uv_close((uv_handle_t *)&n->defer, handle_closed);
+    uv_close((uv_handle_t *)&n->flush, handle_closed);
 }
 
 static void
@@ -679,6 +859,8 @@ close_now(struct raftnode *n)
     n->close_transfer = false;
     uv_timer_stop(&n->poll);
     uv_timer_stop(&n->defer);
+    uv_idle_stop(&n->flush);
+    fail_queued(n, RAFTNODE_ESHUTDOWN);
     raft_close(&n->raft, raft_closed);
 }
 

@@ -1474,6 +1474,199 @@ test_index_order(void **state)
     index_matches_table(f);
 }
 
+/* ---- Batches ----------------------------------------------------------- */
+
+/* Encodes the commands (and frees what they hold) as one batch entry. */
+static void
+batch_of(struct fsm_cmd *cmds, size_t n, void **out, size_t *out_len)
+{
+    void *parts[8];
+    size_t lens[8];
+
+    assert_true(n <= 8);
+    for (size_t i = 0; i < n; i++) {
+        assert_int_equal(fsm_cmd_encode(&cmds[i], &parts[i], &lens[i]), 0);
+        fsm_cmd_free(&cmds[i]);
+    }
+    assert_int_equal(fsm_batch_encode(parts, lens, n, out, out_len), 0);
+    for (size_t i = 0; i < n; i++)
+        free(parts[i]);
+}
+
+struct walk {
+    size_t n;
+    struct fsm_cmd got[4];
+};
+
+static int
+walk_part(void *arg, const void *part, size_t len)
+{
+    struct walk *w = arg;
+    char err[200];
+
+    assert_true(w->n < 4);
+    assert_int_equal(fsm_cmd_decode(part, len, &w->got[w->n], err,
+                                    sizeof(err)), 0);
+    w->n++;
+    return 0;
+}
+
+/* A batch's parts come back whole and in order; every malformed container
+ * is refused before any part is seen; a batch is never a command. */
+static void
+test_batch_codec(void **state)
+{
+    struct fsm_cmd c[3];
+    struct fsm_rid rids[3];
+    struct walk w = {0};
+    unsigned char *buf, *bad;
+    size_t len;
+    char err[200];
+
+    (void)state;
+    mk_register(&c[0], "n1", 4, 4096, 4096);
+    mk_place(&c[1], "a", "acme", "n1", 1, 1, 1);
+    mk_state(&c[2], "a", FSM_SB_RUNNING, "up");
+    for (int i = 0; i < 3; i++)
+        rids[i] = c[i].rid;
+    batch_of(c, 3, (void **)&buf, &len);
+    assert_int_equal(len % FSM_CMD_ALIGN, 0);
+    assert_true(fsm_batch_is(buf, len));
+    assert_int_equal(fsm_batch_each(buf, len, walk_part, &w, err,
+                                    sizeof(err)), 0);
+    assert_int_equal(w.n, 3);
+    assert_int_equal(w.got[0].type, FSM_CMD_NODE_REGISTER);
+    assert_int_equal(w.got[1].type, FSM_CMD_SANDBOX_PLACE);
+    assert_string_equal(w.got[1].u.place.sandbox, "a");
+    assert_int_equal(w.got[2].type, FSM_CMD_SANDBOX_STATE);
+    for (int i = 0; i < 3; i++) {
+        assert_memory_equal(w.got[i].rid.b, rids[i].b, FSM_RID_LEN);
+        fsm_cmd_free(&w.got[i]);
+    }
+    /* Not a command, whatever the decoder is given. */
+    assert_int_not_equal(fsm_cmd_decode(buf, len, &c[0], err, sizeof(err)),
+                         0);
+
+    /* Truncated, a length off by 8, padding, count 0: all refused, and
+     * the walker never runs. */
+    w.n = 0;
+    assert_int_equal(fsm_batch_each(buf, len - 8, walk_part, &w, err,
+                                    sizeof(err)), -EPROTO);
+    bad = malloc(len);
+    memcpy(bad, buf, len);
+    bad[11] += 8; /* the first part's length */
+    assert_int_equal(fsm_batch_each(bad, len, walk_part, &w, err,
+                                    sizeof(err)), -EPROTO);
+    memcpy(bad, buf, len);
+    bad[12] = 1; /* the zero bytes after it */
+    assert_int_equal(fsm_batch_each(bad, len, walk_part, &w, err,
+                                    sizeof(err)), -EPROTO);
+    memcpy(bad, buf, len);
+    memset(bad + 4, 0, 4);
+    assert_int_equal(fsm_batch_each(bad, len, walk_part, &w, err,
+                                    sizeof(err)), -EPROTO);
+    assert_int_equal(w.n, 0);
+    free(bad);
+    free(buf);
+
+    /* Parts must be padded commands. */
+    {
+        char odd[12] = {0};
+        void *part = odd, *out;
+        size_t plen = sizeof(odd), olen;
+
+        assert_int_equal(fsm_batch_encode(&part, &plen, 1, &out, &olen),
+                         -EINVAL);
+        assert_int_equal(fsm_batch_encode(&part, &plen, 0, &out, &olen),
+                         -EINVAL);
+    }
+}
+
+/* Each part of a batch applies in its own transaction with its own
+ * result: a failing part leaves the others applied, a part seen before is
+ * a duplicate, and a batch gives the same state, replayed or restored
+ * from a snapshot, as the same commands one entry each. */
+static void
+test_batch_apply(void **state)
+{
+    struct fsm *f = *state, *g = fsm_open(), *h = fsm_open();
+    struct fsm_cmd c[4], again;
+    struct fsm_result r;
+    void *buf, *snap, *one;
+    size_t len, snap_len, one_len;
+    char *df, *dg, *dh;
+
+    mk_register(&c[0], "n1", 2, 4096, 4096);
+    mk_place(&c[1], "a", "acme", "n1", 2, 100, 100);
+    mk_place(&c[2], "b", "acme", "n1", 1, 100, 100); /* no CPU left */
+    mk_state(&c[3], "a", FSM_SB_RUNNING, "up");
+    again = c[1];
+    /* g gets the same commands one entry each. */
+    for (int i = 0; i < 4; i++) {
+        struct fsm_cmd copy = c[i];
+
+        assert_int_equal(fsm_cmd_encode(&copy, &one, &one_len), 0);
+        assert_int_equal(fsm_apply_entry(g, one, one_len), 0);
+        free(one);
+    }
+    batch_of(c, 4, &buf, &len);
+    assert_int_equal(fsm_apply_entry(f, buf, len), 0);
+    assert_int_equal(sb_state(f, "a"), FSM_SB_RUNNING);
+    {
+        struct fsm_sandbox row;
+
+        assert_int_equal(fsm_sandbox_get(f, "b", &row), -ENOENT);
+    }
+    assert_int_equal(fsm_result_get(f, &c[1].rid, &r), 0);
+    assert_int_equal(r.code, 0);
+    assert_string_equal(r.node, "n1");
+    assert_int_equal(fsm_result_get(f, &c[2].rid, &r), 0);
+    assert_int_equal(r.code, -ENOSPC);
+    assert_int_equal(fsm_result_get(f, &c[3].rid, &r), 0);
+    assert_int_equal(r.code, 0);
+
+    df = dump(f);
+    dg = dump(g);
+    assert_string_equal(df, dg);
+    free(dg);
+
+    /* The same batch again (a retry): every part a duplicate, nothing
+     * changes; and a part retried alone is a duplicate too. */
+    assert_int_equal(fsm_apply_entry(f, buf, len), 0);
+    dg = dump(f);
+    assert_string_equal(df, dg);
+    free(dg);
+    assert_int_equal(fsm_cmd_encode(&again, &one, &one_len), 0);
+    assert_int_equal(fsm_apply_buf(f, one, one_len, &r), 0);
+    assert_true(r.duplicate);
+    free(one);
+    node_alloc(f, "n1", 2, 100, 100);
+
+    /* Replay into a fresh FSM, and restore from f's snapshot. */
+    assert_int_equal(fsm_apply_entry(h, buf, len), 0);
+    dh = dump(h);
+    assert_string_equal(df, dh);
+    free(dh);
+    assert_int_equal(fsm_snapshot_bytes(f, &snap, &snap_len), 0);
+    assert_int_equal(fsm_restore_bytes(h, snap, snap_len), 0);
+    dh = dump(h);
+    assert_string_equal(df, dh);
+    free(dh);
+    free(snap);
+
+    /* A malformed container changes nothing and is not an error. */
+    memset((unsigned char *)buf + 4, 0xff, 4); /* the count */
+    assert_int_equal(fsm_apply_entry(g, buf, len), 0);
+    dg = dump(g);
+    assert_string_equal(df, dg);
+    free(dg);
+
+    free(df);
+    free(buf);
+    fsm_free(g);
+    fsm_free(h);
+}
+
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
 
 int
@@ -1503,6 +1696,8 @@ main(void)
         T(test_sandbox_list),
         T(test_reserve),
         T(test_index_order),
+        T(test_batch_codec),
+        T(test_batch_apply),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -322,6 +322,9 @@ propose_workload(struct world *w, struct member *m, const char *prefix, int n)
         b.pending++;
         assert_int_equal(raftnode_propose(m->node, &c, batch_cb, &b), 0);
         fsm_cmd_free(&c);
+        /* Proposals of one loop iteration share an entry: one turn of
+         * the loop per pair gives the log one (batched) entry each. */
+        uv_run(&w->loop, UV_RUN_NOWAIT);
     }
     assert_true(run_until(&w->loop, batch_done, &b, WAIT_MS));
     assert_int_equal(b.failed, 0);
@@ -422,7 +425,7 @@ test_restart_from_disk(void **state)
     assert_int_equal(st.id, 1);
     assert_int_equal(st.state, RAFT_LEADER);
     assert_int_equal(st.voters, 1);
-    assert_true(st.commit_index >= 81);
+    assert_true(st.commit_index >= 41);
     before = dump(m->fsm);
     member_stop(w, m, true);
 
@@ -609,7 +612,7 @@ test_catch_up_by_snapshot(void **state)
     free(want);
 
     member_stop(w, lag, false);
-    propose_workload(w, l, "missed", 40); /* 81 entries it misses */
+    propose_workload(w, l, "missed", 40); /* 41 entries it misses */
     snapshot_beyond(w, l, 40);
 
     member_start(w, (size_t)(lag - w->m), 3, 16);
