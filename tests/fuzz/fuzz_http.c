@@ -198,7 +198,13 @@ raw_data(struct pd_http_raw *x, const char *data, size_t len, void *arg)
 {
     (void)arg;
     pd_http_raw_write(x, data, len);
-    if (len > 0 && data[0] == 'q')
+    if (pd_http_raw_queued(x) > PD_HTTP_HIGH_WATER)
+        abort(); /* an echo of at most 4 KiB never queues that much */
+    if (memchr(data, 'p', len) != NULL) {
+        pd_http_raw_pause(x);
+        pd_http_raw_resume(x);
+    }
+    if (memchr(data, 'q', len) != NULL)
         pd_http_raw_close(x);
 }
 
