@@ -745,13 +745,13 @@ rtls_close(struct raft_uv_transport *t)
 
     if (tr == NULL)
         return;
-    t->impl = NULL;
     tr->released = true;
     if (!tr->closing) {
-        /* Never handed to raft_uv (a failed raftnode_new). */
+        /* raft_uv never closed it (a failed raftnode_new): close the
+         * listener here; the last reference frees the rest. */
         t_close(t, NULL);
-        return;
-    }
-    if (tr->refs == 0)
+    } else if (tr->refs == 0) {
         free(tr);
+    }
+    t->impl = NULL;
 }

@@ -34,7 +34,7 @@
 #define WAIT_MS      30000
 #define DRAIN_MS     5000
 #define MAXN         3
-#define HANDSHAKE_MS 1000
+#define HANDSHAKE_MS 2000
 
 static char pki[64], pki_other[64];
 
