@@ -525,6 +525,84 @@ test_unpadded_entry_fails_loudly(void **state)
     member_stop(w, m, false);
 }
 
+struct each {
+    int pending;
+    int status[8];
+    int code[8];
+    char node[8][FSM_ID_MAX + 1];
+};
+
+struct each_slot {
+    struct each *e;
+    int i;
+};
+
+static void
+each_cb(void *data, int status, const struct fsm_result *res)
+{
+    struct each_slot *s = data;
+
+    s->e->pending--;
+    s->e->status[s->i] = status;
+    if (status == 0) {
+        s->e->code[s->i] = res->code;
+        snprintf(s->e->node[s->i], sizeof(s->e->node[0]), "%s", res->node);
+    }
+}
+
+static bool
+each_done(void *arg)
+{
+    return ((struct each *)arg)->pending == 0;
+}
+
+/* Proposals made in one loop iteration become one entry on a three-member
+ * cluster, and each still gets its own result: a part that fails (no room
+ * left) fails alone, and every member applies the same. */
+static void
+test_batched_proposals(void **state)
+{
+    struct world *w = *state;
+    struct each e = {.pending = 6};
+    struct each_slot slots[6];
+    struct member *l;
+    struct fsm_cmd c;
+    uint64_t before;
+    char *want;
+
+    for (size_t i = 0; i < 3; i++)
+        member_start(w, i, 3, 0);
+    l = wait_leader(w, 3);
+    mk_register(&c, "bn", 4, 1 << 20, 1 << 20);
+    assert_int_equal(propose_wait(w, l, &c), 0);
+    before = raft_last_index(raftnode_raft(l->node));
+    for (int i = 0; i < 6; i++) {
+        char sb[16];
+
+        snprintf(sb, sizeof(sb), "b%d", i);
+        /* 1 CPU each on a 4-CPU node: the fifth and sixth do not fit. */
+        mk_place(&c, sb, "acme", "bn", 1, 1, 1);
+        slots[i] = (struct each_slot){.e = &e, .i = i};
+        assert_int_equal(raftnode_propose(l->node, &c, each_cb, &slots[i]),
+                         0);
+        fsm_cmd_free(&c);
+    }
+    assert_true(run_until(&w->loop, each_done, &e, WAIT_MS));
+    assert_int_equal(raft_last_index(raftnode_raft(l->node)), before + 1);
+    for (int i = 0; i < 6; i++) {
+        assert_int_equal(e.status[i], 0);
+        assert_int_equal(e.code[i], i < 4 ? 0 : -ENOSPC);
+        if (i < 4)
+            assert_string_equal(e.node[i], "bn");
+    }
+    want = dump(l->fsm);
+    for (size_t i = 0; i < 3; i++)
+        wait_dump(w, w->m[i].fsm, want);
+    free(want);
+    for (size_t i = 0; i < 3; i++)
+        member_stop(w, &w->m[i], false);
+}
+
 /* Three members on loopback: one leader, replication to every FSM,
  * leadership transfer to a chosen member, and a graceful close that hands
  * leadership over first. */
@@ -933,6 +1011,7 @@ main(void)
         T(test_restart_from_disk),
         T(test_unpadded_entry_fails_loudly),
         T(test_three_members),
+        T(test_batched_proposals),
         T(test_catch_up_by_snapshot),
         T(test_quorum_lost),
         T(test_membership),
