@@ -665,6 +665,35 @@ def test_exposed_port_reachable_from_the_host(agent, vms):
     assert e["code"] == "EINVAL"
 
 
+def test_tunnel_to_a_guest_port(agent, vms):
+    """TUNNEL_OPEN: bytes both ways to the guest's 127.0.0.1:8080, relayed
+    frame by frame (the web process of the port test serves it)."""
+    w = agent.wire()
+    try:
+        w.send(frame(140, 11, sandbox="q1", port=8080))
+        m = w.recv_until(lambda m: m.get("id") == 11)
+        assert m["t"] == OK, m
+        w.send(frame(DATA, 11, data=b"GET / HTTP/1.0\r\n\r\n", eof=False))
+        got = b""
+        while b"from-guest" not in got:
+            # WINDOW grants for our bytes come too; the reply is < 4 MiB,
+            # well inside the credit the guest starts with.
+            m = w.recv_until(lambda m: m.get("id") == 11 and m["t"] != 5)
+            assert m is not None and m["t"] == DATA, m
+            got += m.get("data", b"")
+            if m.get("eof"):
+                break
+        assert b"200" in got and b"from-guest" in got, got
+        w.send(frame(DATA, 11, data=b"", eof=True))
+        # A tunnel to a port nobody listens on is an error, not a hang.
+        w.send(frame(140, 12, sandbox="q1", port=9))
+        m = w.recv_until(lambda m: m.get("id") == 12 and m["t"] in (OK,
+                                                                    ERROR))
+        assert m["t"] == ERROR, m
+    finally:
+        w.close()
+
+
 def test_files_processes_and_streams_relay_to_the_guest(agent, vms,
                                                         tmp_path):
     src = tmp_path / "blob"
