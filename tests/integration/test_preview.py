@@ -526,10 +526,14 @@ def test_lost_sandbox_is_placed_again_by_a_preview_request(cl):
     old = cl.api("GET", "/v1/sandboxes/pva")[2]["node"]
     agent = next(a for a in cl.agents if a["node"] == old)
     agent["proc"].stop()
-    wait_for(lambda: cl.api("GET", "/v1/sandboxes/pva")[2]["state"] == "lost",
-             30, "pva to be lost with its node")
+    fol = cl.follower()
+    # The scheduler that serves the request must know the node is gone
+    # (before that, a running sandbox on a dead node is a 502 "node
+    # unreachable", which is right too).
+    wait_for(lambda: cl.api("GET", "/v1/sandboxes/pva", at=fol)[2]["state"]
+             == "lost", 30, "pva to be lost with its node")
     host = cl.hosts["pva"]["httpd"]
-    st, _h, body = pget(cl.follower(), host, "/index.html", timeout=120)
+    st, _h, body = pget(fol, host, "/index.html", timeout=120)
     assert st == 502, (st, body)
     assert "nothing is listening on port 8080" in body["error"]["message"]
     sb = cl.api("GET", "/v1/sandboxes/pva")[2]
