@@ -38,6 +38,7 @@ struct rtls {
     bool closing, released;
     int refs; /* the listener handle plus every live connection */
     struct conn *pending; /* not yet handed to raft */
+    unsigned npending;
 };
 
 enum conn_state { C_HANDSHAKE, C_RELAY, C_CLOSING };
@@ -156,6 +157,7 @@ pending_remove(struct conn *c)
 {
     if (c->pprev == NULL)
         return;
+    c->tr->npending--;
     *c->pprev = c->next;
     if (c->next != NULL)
         c->next->pprev = c->pprev;
@@ -558,6 +560,7 @@ conn_new(struct rtls *tr, bool outbound)
         c->next->pprev = &c->next;
     tr->pending = c;
     c->pprev = &tr->pending;
+    tr->npending++;
     uv_timer_start(&c->timer, timer_cb, tr->handshake_ms, 0);
     return c;
 }
@@ -600,6 +603,12 @@ accept_cb(uv_stream_t *server, int status)
         return;
     }
     describe_peer(c);
+    if (tr->npending > RTLS_MAX_PENDING) {
+        pd_warn("raft", "peer %s: already %u connections in their "
+                "handshake; refusing this one", c->where, tr->npending - 1);
+        conn_close(c);
+        return;
+    }
     uv_tcp_nodelay(&c->tcp, 1);
     if (uv_read_start((uv_stream_t *)&c->tcp, alloc_tcp, tcp_read_cb) != 0)
         conn_close(c);

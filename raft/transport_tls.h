@@ -22,7 +22,8 @@
  *     (an agent's): the connection is closed and a warning names the
  *     peer's address and certificate subject;
  *   - a peer that does not finish the handshake and preamble within the
- *     handshake timeout: closed, with a warning;
+ *     handshake timeout: closed, with a warning; beyond RTLS_MAX_PENDING
+ *     such connections, new ones are refused at once;
  *   - raft closes its pipe end: TLS close_notify, then the TCP connection
  *     is shut down and closed;
  *   - the peer closes or errs: raft's pipe end sees EOF;
@@ -44,6 +45,9 @@
 
 /* Bytes queued towards one sink before its source stops being read. */
 #define RTLS_HIGH_WATER (1u << 20)
+/* Connections in their handshake at once; more are refused, so that
+ * unauthenticated peers cannot hold unbounded memory. */
+#define RTLS_MAX_PENDING 64
 /* Default bound on TLS handshake plus preamble, in milliseconds. */
 #define RTLS_HANDSHAKE_MS 5000
 

@@ -4,7 +4,8 @@
  * up by snapshot with every byte going through the TLS pump; a client with
  * no certificate, an agent's certificate (OU=agent), or a scheduler
  * certificate from another CA is refused, and one that stalls the
- * handshake is dropped after the handshake timeout.
+ * handshake is dropped after the handshake timeout; stalled handshakes
+ * past RTLS_MAX_PENDING are refused at once.
  *
  * Certificates come from deploy/make-certs.sh, run once per test binary.
  * Every wait runs the loop until a condition holds or a deadline passes.
@@ -30,6 +31,7 @@
 #include "helpers.h"
 #include "proto/tls.h"
 #include "raft/node.h"
+#include "raft/transport_tls.h"
 
 #define WAIT_MS      30000
 #define DRAIN_MS     5000
@@ -481,33 +483,63 @@ raw_handle_closed(void *arg)
     return ((struct rawc *)arg)->handle_closed;
 }
 
-/*
- * Connects to m's Raft port with tls (NULL: plain TCP that sends nothing)
- * and returns how long, in ms, until the member closed the connection.
- */
+/* Connects r to m's Raft port with tls (NULL: plain TCP that sends
+ * nothing). */
+static void
+raw_open(struct world *w, struct member *m, SSL_CTX *tls, struct rawc *r)
+{
+    static const struct pd_tls_cb cbs = {raw_plain, raw_cipher, NULL};
+    struct sockaddr_in sa;
+    const char *colon = strrchr(m->addr, ':');
+
+    memset(r, 0, sizeof(*r));
+    assert_int_equal(uv_ip4_addr("127.0.0.1", atoi(colon + 1), &sa), 0);
+    uv_tcp_init(&w->loop, &r->tcp);
+    r->tcp.data = r->req.data = r;
+    if (tls != NULL)
+        r->tls = pd_tls_new(tls, false, &cbs, r);
+    assert_int_equal(uv_tcp_connect(&r->req, &r->tcp, (struct sockaddr *)&sa,
+                                    raw_connected), 0);
+}
+
+static void
+raw_free(struct world *w, struct rawc *r)
+{
+    uv_close((uv_handle_t *)&r->tcp, raw_closed);
+    assert_true(run_until(&w->loop, raw_handle_closed, r, WAIT_MS));
+    pd_tls_free(r->tls);
+}
+
+/* Returns how long, in ms, until the member closed a connection opened
+ * with raw_open. */
 static uint64_t
 raw_refused(struct world *w, struct member *m, SSL_CTX *tls)
 {
-    static const struct pd_tls_cb cbs = {raw_plain, raw_cipher, NULL};
-    struct rawc r = {0};
-    struct sockaddr_in sa;
-    const char *colon = strrchr(m->addr, ':');
+    struct rawc r;
     uint64_t t0 = pd_now_ms();
 
-    assert_int_equal(uv_ip4_addr("127.0.0.1", atoi(colon + 1), &sa), 0);
-    uv_tcp_init(&w->loop, &r.tcp);
-    r.tcp.data = r.req.data = &r;
-    if (tls != NULL)
-        r.tls = pd_tls_new(tls, false, &cbs, &r);
-    assert_int_equal(uv_tcp_connect(&r.req, &r.tcp, (struct sockaddr *)&sa,
-                                    raw_connected), 0);
+    raw_open(w, m, tls, &r);
     assert_true(run_until(&w->loop, raw_ended, &r, WAIT_MS));
     assert_true(r.connected);
     assert_int_equal(r.got, 0); /* nothing from raft ever reached us */
-    uv_close((uv_handle_t *)&r.tcp, raw_closed);
-    assert_true(run_until(&w->loop, raw_handle_closed, &r, WAIT_MS));
-    pd_tls_free(r.tls);
+    raw_free(w, &r);
     return pd_now_ms() - t0;
+}
+
+struct many_q {
+    struct rawc *r;
+    size_t n;
+};
+
+static bool
+all_connected(void *arg)
+{
+    struct many_q *q = arg;
+
+    for (size_t i = 0; i < q->n; i++)
+        if (!q->r[i].connected)
+            return false;
+    return true;
 }
 
 /* ---- Tests ------------------------------------------------------------- */
@@ -588,6 +620,28 @@ test_refused(void **state)
     SSL_CTX_free(foreign);
 }
 
+/* Stalled handshakes are capped: the one past RTLS_MAX_PENDING is
+ * closed at once, and a real member still gets through afterwards. */
+static void
+test_pending_cap(void **state)
+{
+    struct world *w = *state;
+    struct rawc *r = calloc(RTLS_MAX_PENDING, sizeof(*r));
+    struct many_q q = {.r = r, .n = RTLS_MAX_PENDING};
+    uint64_t ms;
+
+    member_start(w, 0, 1, 0);
+    wait_leader(w);
+    for (size_t i = 0; i < RTLS_MAX_PENDING; i++)
+        raw_open(w, &w->m[0], NULL, &r[i]);
+    assert_true(run_until(&w->loop, all_connected, &q, WAIT_MS));
+    ms = raw_refused(w, &w->m[0], NULL);
+    assert_true(ms < HANDSHAKE_MS);
+    for (size_t i = 0; i < RTLS_MAX_PENDING; i++)
+        raw_free(w, &r[i]);
+    free(r);
+}
+
 static int
 group_setup(void **state)
 {
@@ -623,6 +677,7 @@ main(void)
         T(test_cluster_over_tls),
         T(test_snapshot_over_tls),
         T(test_refused),
+        T(test_pending_cap),
     };
 
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
