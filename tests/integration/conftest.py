@@ -179,10 +179,50 @@ class Procs:
         return "\n".join(out)
 
 
+def pids_under(path):
+    """Pids of processes (not this one) whose argv names a path in path."""
+    me, pids = os.getpid(), []
+    needle = os.path.join(path, "").encode()
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == me:
+            continue
+        try:
+            with open("/proc/%s/cmdline" % d, "rb") as f:
+                argv = f.read()
+            with open("/proc/%s/stat" % d) as f:
+                zombie = f.read().split(") ")[-1][0] == "Z"
+        except OSError:
+            continue
+        if needle in argv and not zombie:
+            pids.append(int(d))
+    return pids
+
+
+def sweep(path):
+    """SIGKILLs whatever still runs from path (a QEMU its agent left when
+    the agent was killed) and waits, bounded, for it to go; a leftover is a
+    warning, so a leak shows without failing every later test."""
+    import warnings
+    left = pids_under(path)
+    if not left:
+        return
+    warnings.warn("killed processes left running under %s: %s" % (
+        path, left))
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    deadline = time.monotonic() + 10
+    while pids_under(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def workdir():
     d = tempfile.mkdtemp(prefix="paddock-test-")
     yield d
+    sweep(d)
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -199,6 +239,7 @@ def procs(workdir, request):
 def module_workdir():
     d = tempfile.mkdtemp(prefix="paddock-mod-")
     yield d
+    sweep(d)
     shutil.rmtree(d, ignore_errors=True)
 
 
