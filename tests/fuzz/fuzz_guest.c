@@ -1,8 +1,9 @@
 /* libFuzzer target for what the guest agent does with the host's bytes
  * before anything runs (guest-agent/server.c included whole, path.c,
- * spawn.c, ring.c): frames through the channel's decoder, the HELLO
- * resync scan, and the request checks (argv | command, cwd, env, paths),
- * plus the output ring; nothing is spawned and no file is touched. */
+ * spawn.c, ring.c): frames through the channel's decoder and dispatch,
+ * the HELLO resync scan, and the request checks (argv | command, cwd,
+ * env, paths), plus the output ring; nothing is spawned and no file is
+ * touched (those request types are checked, never dispatched). */
 #include "guest-agent/server.c"
 
 #include <limits.h>
@@ -59,6 +60,33 @@ check_request(const struct pd_msg *m)
     }
 }
 
+/*
+ * The request types the server may dispatch here: those that neither
+ * spawn, touch files, open sockets, arm timers nor power off. With no host
+ * up, every reply is dropped where it would be queued.
+ */
+static bool
+safe_type(unsigned t)
+{
+    switch (t) {
+    case PD_MSG_EXEC:
+    case PD_MSG_PROC_START:
+    case PD_MSG_PROC_WAIT_PORT:
+    case PD_MSG_FILE_WRITE:
+    case PD_MSG_FILE_READ:
+    case PD_MSG_FILE_STAT:
+    case PD_MSG_FILE_LIST:
+    case PD_MSG_FILE_MKDIR:
+    case PD_MSG_FILE_DELETE:
+    case PD_MSG_FILE_RENAME:
+    case PD_MSG_TUNNEL_OPEN:
+    case PD_MSG_SHUTDOWN:
+        return false;
+    default:
+        return true;
+    }
+}
+
 static void
 stream(const uint8_t *data, size_t size)
 {
@@ -89,9 +117,13 @@ stream(const uint8_t *data, size_t size)
                 continue;
             }
             check_request(m);
+            if (safe_type(m->type))
+                dispatch(m);
         }
     }
     pd_decoder_free(&d);
+    chan.session = false;
+    chan.broken = false;
 }
 
 static void
@@ -161,6 +193,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
+    static bool quiet;
+
+    if (!quiet) {
+        pd_log_init("fuzz_guest", PD_LOG_ERROR); /* HELLOs log at info */
+        quiet = true;
+    }
     if (size < 1)
         return 0;
     switch (data[0] % 4) {
