@@ -267,41 +267,58 @@ pd_rm_rf(const char *path)
 int
 pd_read_file(const char *path, char **out, size_t *out_len, size_t max)
 {
-    struct stat st;
-    char *buf;
-    size_t got = 0;
+    char *buf = NULL;
+    size_t got = 0, cap = 0;
     int fd, rv = 0;
 
     fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return -errno;
-    if (fstat(fd, &st) != 0) {
-        rv = -errno;
-        goto out;
-    }
-    if ((size_t)st.st_size > max) {
-        rv = -EFBIG;
-        goto out;
-    }
-    buf = malloc((size_t)st.st_size + 1);
-    if (buf == NULL) {
-        rv = -ENOMEM;
-        goto out;
-    }
-    while (got < (size_t)st.st_size) {
-        ssize_t n = read(fd, buf + got, (size_t)st.st_size - got);
+    /*
+     * Read until end of file rather than trusting fstat's size: /proc and
+     * cgroup files report a size of 0, and a file may grow meanwhile.
+     */
+    for (;;) {
+        ssize_t n;
 
+        if (got == cap) {
+            size_t ncap = cap == 0 ? 4096 : cap * 2;
+            char *p;
+
+            if (cap > max) {
+                rv = -EFBIG;
+                goto out;
+            }
+            p = realloc(buf, ncap + 1);
+            if (p == NULL) {
+                rv = -ENOMEM;
+                goto out;
+            }
+            buf = p;
+            cap = ncap;
+        }
+        n = read(fd, buf + got, cap - got);
         if (n < 0 && errno == EINTR)
             continue;
-        if (n <= 0)
+        if (n < 0) {
+            rv = -errno;
+            goto out;
+        }
+        if (n == 0)
             break;
         got += (size_t)n;
+        if (got > max) {
+            rv = -EFBIG;
+            goto out;
+        }
     }
     buf[got] = '\0';
     *out = buf;
+    buf = NULL;
     if (out_len != NULL)
         *out_len = got;
 out:
+    free(buf);
     close(fd);
     return rv;
 }

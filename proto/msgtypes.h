@@ -66,9 +66,10 @@ enum pd_msg_type {
     PD_MSG_PROC_START = 110,  /* {proc, argv | command, cwd, env} ->
                                  OK {proc, pid} */
     PD_MSG_PROC_LIST = 111,   /* {} -> OK {procs: [proc map]} */
-    PD_MSG_PROC_GET = 112,    /* {proc} -> OK {proc, pid, running,
+    PD_MSG_PROC_GET = 112,    /* {proc} -> OK {proc: {proc, pid, running,
                                  exit_code, signal, started_ms, ended_ms,
-                                 argv} */
+                                 argv}} (the process map nested, as in
+                                 PROC_LIST's entries) */
     PD_MSG_PROC_LOGS = 113,   /* {proc, follow: bool} -> STDOUT/STDERR
                                  frames, then OK {skipped} (ended or not
                                  following; skipped: bytes the bounded

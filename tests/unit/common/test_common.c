@@ -212,6 +212,37 @@ test_trace_env(void **state)
     unsetenv("PADDOCK_TRACE");
 }
 
+/* Files whose size fstat does not know (/proc) are read whole; a file
+ * over the cap is -EFBIG. */
+static void
+test_read_file(void **state)
+{
+    char path[] = "/tmp/pd-test-read-XXXXXX", *buf = NULL;
+    size_t len = 0;
+    int fd;
+
+    (void)state;
+    assert_int_equal(pd_read_file("/proc/self/status", &buf, &len, 1 << 20),
+                     0);
+    assert_true(len > 0);
+    assert_non_null(strstr(buf, "Pid:"));
+    assert_int_equal(strlen(buf), len);
+    free(buf);
+
+    fd = mkstemp(path);
+    assert_true(fd >= 0);
+    for (int i = 0; i < 3000; i++)
+        assert_int_equal(write(fd, "0123456789", 10), 10);
+    close(fd);
+    assert_int_equal(pd_read_file(path, &buf, &len, 30000), 0);
+    assert_int_equal(len, 30000);
+    free(buf);
+    assert_int_equal(pd_read_file(path, &buf, &len, 29999), -EFBIG);
+    assert_int_equal(pd_read_file("/nonexistent/x", &buf, &len, 10),
+                     -ENOENT);
+    unlink(path);
+}
+
 int
 main(void)
 {
@@ -222,6 +253,7 @@ main(void)
         cmocka_unit_test(test_config),
         cmocka_unit_test(test_config_errors),
         cmocka_unit_test(test_trace_env),
+        cmocka_unit_test(test_read_file),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
