@@ -800,7 +800,10 @@ sched_auth_request(struct sched *s, struct pd_http_req *r,
         return refuse(r, why, sub, jti);
     }
 
-    retry = s->auth->rl != NULL
+    /* A forwarded write was charged by the follower that took it; the
+     * leader charging it again would halve the rate of every client that
+     * happens to reach a follower. */
+    retry = s->auth->rl != NULL && !pd_http_req_injected(r)
                 ? sched_ratelimit_take(s->auth->rl, cl.jti, pd_now_ms())
                 : 0;
     if (retry > 0) {
