@@ -60,6 +60,7 @@ struct agent_cfg {
     uint64_t boot_timeout_ms, stop_timeout_ms;
     uint64_t kvm_probe_timeout_ms;
     bool stop_vms_on_exit;
+    char *join_token_file; /* a node token (role node) for NODE_REGISTER */
 };
 
 enum sb_state {
@@ -141,6 +142,7 @@ struct agent {
     char node[PD_ID_MAX + 1];
     struct sandbox *sandboxes;
     bool stopping;
+    char *join_token;      /* read from join_token_file, or NULL */
 };
 
 /* ---- sandbox.c --------------------------------------------------------- */

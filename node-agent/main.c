@@ -92,6 +92,9 @@ static const struct pd_config_opt options[] = {
      "time for a VM to reach its guest agent (default 120s)"},
     {"stop_timeout", PD_CFG_DURATION, &agent.cfg.stop_timeout_ms,
      "time for a clean guest poweroff before QMP quit (default 10s)"},
+    {"join_token_file", PD_CFG_STRING, &agent.cfg.join_token_file,
+     "file holding this node's join token (paddock token create --role "
+     "node --tenant NODE); sent when registering"},
     {"stop_vms_on_exit", PD_CFG_BOOL, &agent.cfg.stop_vms_on_exit,
      "stop every VM when the agent exits (default false: keep them)"},
     {"log_level", PD_CFG_STRING, &agent.cfg.log_level,
@@ -576,6 +579,38 @@ session_closed(void *arg, struct pd_conn *c)
     agent_rpc_conn_closed(arg, c);
 }
 
+/*
+ * The join token lives in a file, never on the command line, where every
+ * local user could read it with ps.
+ */
+static int
+load_join_token(struct agent *a, char *err, size_t errlen)
+{
+    char *tok = NULL;
+    size_t len = 0;
+    int rv;
+
+    if (a->cfg.join_token_file == NULL || a->cfg.join_token_file[0] == '\0')
+        return 0;
+    rv = pd_read_file(a->cfg.join_token_file, &tok, &len, 16384);
+    if (rv != 0) {
+        snprintf(err, errlen, "join_token_file %s: %s",
+                 a->cfg.join_token_file, strerror(-rv));
+        return rv;
+    }
+    while (len > 0 && (tok[len - 1] == '\n' || tok[len - 1] == '\r' ||
+                       tok[len - 1] == ' '))
+        tok[--len] = '\0';
+    if (len == 0 || strcspn(tok, " \t\r\n") != len) {
+        snprintf(err, errlen, "join_token_file %s: want one token on one "
+                 "line", a->cfg.join_token_file);
+        free(tok);
+        return -EINVAL;
+    }
+    a->join_token = tok;
+    return 0;
+}
+
 static int
 start_session(struct agent *a, char *err, size_t errlen)
 {
@@ -660,6 +695,7 @@ main(int argc, char **argv)
         (rv = setup_cgroups(a, err, sizeof(err))) != 0 ||
         (rv = setup_capacity(a, err, sizeof(err))) != 0 ||
         (rv = setup_tls(a, err, sizeof(err))) != 0 ||
+        (rv = load_join_token(a, err, sizeof(err))) != 0 ||
         (rv = setup_accel(a, err, sizeof(err))) != 0)
         pd_fatal("agent", "%s", err);
     pd_info("agent", "node %s, data in %s, QEMU as uid %d, accel %s",
@@ -680,6 +716,7 @@ main(int argc, char **argv)
     uv_run(a->loop, UV_RUN_DEFAULT);
     agent_cg_fini(&a->cg);
     agent_state_close(a->state);
+    free(a->join_token);
     SSL_CTX_free(a->rpc_tls);
     SSL_CTX_free(a->session_tls);
     pd_info("agent", "stopped");

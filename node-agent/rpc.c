@@ -819,6 +819,8 @@ agent_fill_register(void *arg, struct pd_enc *e)
     pd_enc_u64(e, "disk_mb", a->offer.disk_mb);
     pd_enc_u64(e, "memory_overhead_mb", a->cfg.memory_overhead / MIB);
     pd_enc_str(e, "accel", a->accel);
+    if (a->join_token != NULL)
+        pd_enc_str(e, "token", a->join_token);
     pd_enc_key(e, "labels");
     pack_labels(&e->pk, a->cfg.labels);
     fill_allocated(a, e);

@@ -119,7 +119,8 @@ enum pd_msg_type {
 
     /* Node agent session with the leader, sent by the agent, 300-399. */
     PD_MSG_NODE_REGISTER = 300,  /* {node, rpc_addr, cpus, memory_mb,
-                                    disk_mb, labels, sandboxes: [..]}
+                                    disk_mb, labels, sandboxes: [..],
+                                    token?: a node join token}
                                     -> OK {heartbeat_ms} */
     PD_MSG_NODE_HEARTBEAT = 301, /* {node, allocated..} -> OK */
     PD_MSG_NODE_REDIRECT = 302,  /* scheduler -> agent: {leader_addr} */

@@ -53,6 +53,9 @@ static const struct pd_config_opt options[] = {
     {"tls_ca", PD_CFG_STRING, &sched.cfg.tls_ca, "the cluster CA (PEM)"},
     {"raft_tls", PD_CFG_BOOL, &sched.cfg.raft_tls,
      "Raft traffic over the cluster mutual TLS (default true)"},
+    {"require_join_token", PD_CFG_BOOL, &sched.cfg.require_join_token,
+     "agents must send a node join token when they register (default "
+     "false: the certificate alone)"},
     {"api_tls_cert", PD_CFG_STRING, &sched.cfg.api_tls_cert,
      "optional HTTPS certificate for the API and preview listeners"},
     {"api_tls_key", PD_CFG_STRING, &sched.cfg.api_tls_key, "its key"},

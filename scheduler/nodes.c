@@ -64,6 +64,7 @@
 #include "common/log.h"
 #include "proto/conn.h"
 #include "proto/msgtypes.h"
+#include "scheduler/auth.h"
 #include "scheduler/sched.h"
 
 #define SEEN_BUCKETS 4096
@@ -704,6 +705,45 @@ read_labels(const struct pd_msg *m, struct fsm_kv **out, size_t *n)
     return 0;
 }
 
+/*
+ * A join token (role node, subject = the node id, not revoked) proves the
+ * operator admitted this node, beside the certificate that proves it is
+ * an agent of this cluster: a leaked agent certificate alone then cannot
+ * join once the node's token is revoked. Required with
+ * require_join_token; checked whenever one is sent.
+ */
+static int
+check_join_token(struct sess *ss, const struct pd_msg *m, const char *node)
+{
+    struct sched *s = ss->n->s;
+    char tok[4096], why[256];
+    int rv;
+
+    rv = pd_msg_cstr(m, "token", tok, sizeof(tok));
+    if (rv == -ENOENT) {
+        if (!s->cfg.require_join_token)
+            return 0;
+        pd_warn("nodes", "node %s: registered without a join token, "
+                "refusing it", node);
+        snprintf(why, sizeof(why), "this cluster requires a join token: "
+                 "mint one with `paddock token create --role node --tenant "
+                 "%s` and give it to the agent (join_token_file)", node);
+        send_error(ss, m->id, EACCES, why);
+        return -EACCES;
+    }
+    if (rv != 0) {
+        send_error(ss, m->id, EINVAL, "token: want a string");
+        return -EINVAL;
+    }
+    rv = sched_auth_node_token(s, tok, node, why, sizeof(why));
+    if (rv != 0) {
+        pd_warn("nodes", "node %s: %s, refusing it", node, why);
+        send_error(ss, m->id, EACCES, why);
+        return -EACCES;
+    }
+    return 0;
+}
+
 static void
 on_register(struct sess *ss, const struct pd_msg *m)
 {
@@ -734,6 +774,8 @@ on_register(struct sess *ss, const struct pd_msg *m)
         send_error(ss, m->id, EPERM, msg);
         return;
     }
+    if (check_join_token(ss, m, node) != 0)
+        return;
     if (ss->registering || (ss->registered && strcmp(ss->node, node) != 0)) {
         send_error(ss, m->id, EBUSY, "this session is already registering "
                    "or registered");

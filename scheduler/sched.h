@@ -73,6 +73,9 @@ struct sched_cfg {
     char *tls_cert, *tls_key, *tls_ca; /* cluster mTLS (make-certs.sh) */
     char *api_tls_cert, *api_tls_key;  /* optional HTTPS on API/preview */
     bool raft_tls;           /* Raft over the cluster mTLS; default on */
+    /* Agents must present a join token (role node, subject = their node
+     * id) when they register, beside their certificate; default off. */
+    bool require_join_token;
     char *strategy;          /* binpack | spread */
     char *log_level;
     uint64_t heartbeat_ms;   /* agents' heartbeat interval; 1 s */
