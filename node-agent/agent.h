@@ -222,6 +222,9 @@ void agent_rpc_dispatch(struct agent *a, struct pd_conn *c,
                         const struct pd_msg *m);
 /* A connection carrying requests closed: cancel its relays. */
 void agent_rpc_conn_closed(struct agent *a, struct pd_conn *c);
+/* Hands the egress proxy the sandbox token found in a sandbox's
+ * environment (PADDOCK_TOKEN), at create and at re-adoption. */
+void agent_egress_token_from_env(const char *id, const char *env_json);
 /* Reports a state change to the leader. */
 void agent_report_state(struct agent *a, const struct sandbox *sb);
 /* Fills NODE_REGISTER and NODE_HEARTBEAT fields. */

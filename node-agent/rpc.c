@@ -276,8 +276,8 @@ read_env(const struct pd_msg *m, char **out, char *err, size_t errlen)
 
 /* The sandbox-scoped token the leader put in the environment, for the
  * egress proxy (added by tokens). */
-static void
-egress_token_from_env(const char *id, const char *env_json)
+void
+agent_egress_token_from_env(const char *id, const char *env_json)
 {
     json_t *j = env_json != NULL ? json_loads(env_json, 0, NULL) : NULL;
     const char *tok = json_string_value(json_object_get(j, "PADDOCK_TOKEN"));
@@ -356,7 +356,7 @@ do_create(struct rpc_peer *p, const struct pd_msg *m)
     }
     rv = sb_create(a, &spec, cw ? &cw->w : NULL, err, sizeof(err));
     if (rv == 0)
-        egress_token_from_env(id, env);
+        agent_egress_token_from_env(id, env);
     free(env);
     if (rv != 0) {
         if (cw != NULL) {

@@ -1290,6 +1290,9 @@ restore_one(void *arg, const struct agent_state_row *row)
             agent_egress_listen_unix(a->loop, path, sb->id, sb->allow,
                                      (int)a->qemu_uid, (int)a->qemu_gid,
                                      &sb->egress_l);
+            /* The proxy knows the sandbox's token again: it is in the
+             * environment kept in the state. */
+            agent_egress_token_from_env(sb->id, sb->env_json);
         }
         if (sb->state == SB_STARTING)
             arm_timer(sb, a->cfg.boot_timeout_ms, on_boot_timeout);
