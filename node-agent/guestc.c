@@ -18,6 +18,13 @@
 #include "proto/conn.h"
 
 #define RETRY_MS 20
+/*
+ * HELLO again after this long without the guest's: the guest can see the
+ * previous host's hangup after it read our HELLO and then drop its answer
+ * with the old session. Extra HELLOs are harmless: they all precede our
+ * first request in the stream, and later answers are ignored.
+ */
+#define HELLO_RESEND_MS 1000
 #define SEND_CHUNK (256u << 10)
 
 struct guestc {
@@ -30,6 +37,7 @@ struct guestc {
     struct pd_conn *conn;
     uv_timer_t timer;       /* retry and deadline */
     uint64_t deadline;
+    uint64_t hello_ms;      /* when our last HELLO went out */
     bool ready, closing, timer_open;
     int reason;
     char why[256];
@@ -283,6 +291,19 @@ conn_on_close(struct pd_conn *c, int reason)
 static void try_connect(struct guestc *g);
 
 static void
+send_hello(struct guestc *g)
+{
+    struct pd_enc e;
+
+    pd_enc_begin(&e, PD_MSG_HELLO, 0);
+    pd_enc_u64(&e, "v", PD_PROTO_VERSION);
+    pd_enc_str(&e, "role", "agent");
+    pd_enc_str(&e, "name", "host");
+    pd_conn_send(g->conn, &e);
+    g->hello_ms = pd_now_ms();
+}
+
+static void
 on_timer(uv_timer_t *t)
 {
     struct guestc *g = t->data;
@@ -297,6 +318,9 @@ on_timer(uv_timer_t *t)
     }
     if (g->conn == NULL && g->pipe == NULL)
         try_connect(g);
+    else if (g->conn != NULL && !g->ready &&
+             pd_now_ms() - g->hello_ms >= HELLO_RESEND_MS)
+        send_hello(g);
 }
 
 static void
@@ -325,7 +349,12 @@ on_connect(uv_connect_t *req, int status)
         set_why(g, -ENOMEM, "out of memory");
         g->closing = true;
         finish(g);
+        return;
     }
+    /* pd_conn_new sent the first HELLO; the timer resends it (and keeps
+     * the deadline) until the guest answers. */
+    g->hello_ms = pd_now_ms();
+    uv_timer_start(&g->timer, on_timer, RETRY_MS, RETRY_MS);
 }
 
 static void
