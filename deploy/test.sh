@@ -63,7 +63,8 @@ if [ -z "${PADDOCK_TEST_QUICK:-}" ]; then
             corpus="$ROOT/build-fuzz/corpus-$name"
             mkdir -p "$corpus"
             if "$f" -max_total_time="$FUZZ_SECONDS" -timeout=10 \
-                -rss_limit_mb=1024 "$corpus" "$ROOT/tests/fuzz/seeds/$name" \
+                -rss_limit_mb=1024 -artifact_prefix="$RESULTS/$name-" \
+                "$corpus" "$ROOT/tests/fuzz/seeds/$name" \
                 >"$RESULTS/$name.log" 2>&1; then
                 echo "PASS fuzz $name" >>"$RESULTS/fuzz.txt"
             else
