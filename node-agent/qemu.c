@@ -331,7 +331,7 @@ agent_qemu_disk_create(const char *path, uint64_t size_mb, bool format,
     return 0;
 }
 
-/* ---- waiting for the guest ------------------------------------------------ */
+/* ---- waiting for the guest ----------------------------------------------- */
 
 static int
 send_hello(int fd)

@@ -895,8 +895,9 @@ pd_jwt_verify(const struct pd_jwt_keyset *ks, const char *token,
     if (len > PD_JWT_MAX_LEN)
         return -EINVAL;
     dot1 = memchr(token, '.', len);
-    dot2 = dot1 == NULL ? NULL
-                        : memchr(dot1 + 1, '.', len - (size_t)(dot1 + 1 - token));
+    dot2 = dot1 == NULL
+               ? NULL
+               : memchr(dot1 + 1, '.', len - (size_t)(dot1 + 1 - token));
     if (dot1 == NULL || dot2 == NULL ||
         memchr(dot2 + 1, '.', len - (size_t)(dot2 + 1 - token)) != NULL)
         return -EINVAL;

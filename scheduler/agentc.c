@@ -640,33 +640,33 @@ on_connect_timeout(uv_timer_t *t)
                       "%d ms", CONNECT_TIMEOUT_MS);
 }
 
-/* "1.2.3.4:80", "[::1]:80" or "localhost:80". */
-static int
-parse_addr(const char *s, struct sockaddr_storage *out)
+int
+sched_parse_addr(const char *text, bool port0, struct sockaddr_storage *sa)
 {
-    char host[ADDR_MAX];
-    const char *colon = strrchr(s, ':');
+    char host[64];
+    const char *colon = strrchr(text, ':');
     uint64_t port;
     size_t hl;
 
-    if (colon == NULL || pd_parse_u64(colon + 1, &port) != 0 || port == 0 ||
-        port > 65535)
+    if (colon == NULL || pd_parse_u64(colon + 1, &port) != 0 ||
+        port > 65535 || (port == 0 && !port0))
         return -EINVAL;
-    hl = (size_t)(colon - s);
+    hl = (size_t)(colon - text);
+    if (hl >= 2 && text[0] == '[' && text[hl - 1] == ']') {
+        text++;
+        hl -= 2;
+    }
     if (hl == 0 || hl >= sizeof(host))
         return -EINVAL;
-    memcpy(host, s, hl);
+    memcpy(host, text, hl);
     host[hl] = '\0';
-    if (host[0] == '[' && host[hl - 1] == ']') {
-        host[hl - 1] = '\0';
-        return uv_ip6_addr(host + 1, (int)port,
-                           (struct sockaddr_in6 *)out) == 0 ? 0 : -EINVAL;
-    }
     if (strcmp(host, "localhost") == 0)
-        pd_strlcpy(host, "127.0.0.1", sizeof(host));
-    return uv_ip4_addr(host, (int)port, (struct sockaddr_in *)out) == 0
-               ? 0
-               : -EINVAL;
+        strcpy(host, "127.0.0.1");
+    if (uv_ip4_addr(host, (int)port, (struct sockaddr_in *)sa) == 0)
+        return 0;
+    if (uv_ip6_addr(host, (int)port, (struct sockaddr_in6 *)sa) == 0)
+        return 0;
+    return -EINVAL;
 }
 
 static int
@@ -675,7 +675,7 @@ link_connect(struct alink *l)
     struct sockaddr_storage sa;
     int rv;
 
-    if (parse_addr(l->addr, &sa) != 0)
+    if (sched_parse_addr(l->addr, false, &sa) != 0)
         return -EINVAL;
     l->tcp = malloc(sizeof(*l->tcp));
     if (l->tcp == NULL)

@@ -927,33 +927,6 @@ on_leader_connect(uv_connect_t *req, int status)
     }
 }
 
-static int
-parse_addr(const char *text, struct sockaddr_storage *sa)
-{
-    char host[64];
-    const char *colon = strrchr(text, ':');
-    uint64_t port;
-    size_t hl;
-
-    if (colon == NULL || pd_parse_u64(colon + 1, &port) != 0 ||
-        port == 0 || port > 65535)
-        return -EINVAL;
-    hl = (size_t)(colon - text);
-    if (hl >= 2 && text[0] == '[' && text[hl - 1] == ']') {
-        text++;
-        hl -= 2;
-    }
-    if (hl == 0 || hl >= sizeof(host))
-        return -EINVAL;
-    memcpy(host, text, hl);
-    host[hl] = '\0';
-    if (strcmp(host, "localhost") == 0)
-        strcpy(host, "127.0.0.1");
-    if (uv_ip4_addr(host, (int)port, (struct sockaddr_in *)sa) == 0)
-        return 0;
-    return uv_ip6_addr(host, (int)port, (struct sockaddr_in6 *)sa);
-}
-
 /* forward.c's leader RPC address, else the members table's entry for
  * raftnode's leader id (the same rule as nodes.c's redirects). */
 static const char *
@@ -1008,7 +981,7 @@ ask_leader(struct sched_lifecycle *lc, struct waiter *w)
     }
     if (lc->leader_tcp != NULL)
         return; /* sent once connected */
-    if (parse_addr(addr, &sa) != 0) {
+    if (sched_parse_addr(addr, false, &sa) != 0) {
         asked_fail_all(lc, -EAGAIN, "the leader's RPC address is unusable");
         return;
     }

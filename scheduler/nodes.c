@@ -1253,36 +1253,6 @@ on_connection(uv_stream_t *server, int status)
     n->open_handles++; /* released by on_close */
 }
 
-/* "ip:port" or "[ip6]:port" into a socket address. */
-static int
-parse_listen(const char *text, struct sockaddr_storage *sa)
-{
-    char host[64];
-    const char *colon = strrchr(text, ':');
-    uint64_t port;
-    size_t hl;
-
-    if (colon == NULL || pd_parse_u64(colon + 1, &port) != 0 ||
-        port > 65535)
-        return -EINVAL;
-    hl = (size_t)(colon - text);
-    if (hl >= 2 && text[0] == '[' && text[hl - 1] == ']') {
-        text++;
-        hl -= 2;
-    }
-    if (hl == 0 || hl >= sizeof(host))
-        return -EINVAL;
-    memcpy(host, text, hl);
-    host[hl] = '\0';
-    if (strcmp(host, "localhost") == 0)
-        strcpy(host, "127.0.0.1");
-    if (uv_ip4_addr(host, (int)port, (struct sockaddr_in *)sa) == 0)
-        return 0;
-    if (uv_ip6_addr(host, (int)port, (struct sockaddr_in6 *)sa) == 0)
-        return 0;
-    return -EINVAL;
-}
-
 int
 sched_nodes_init(struct sched *s, char *err, size_t errlen)
 {
@@ -1291,7 +1261,7 @@ sched_nodes_init(struct sched *s, char *err, size_t errlen)
     int rv;
 
     if (s->cfg.rpc_listen == NULL ||
-        parse_listen(s->cfg.rpc_listen, &sa) != 0) {
+        sched_parse_addr(s->cfg.rpc_listen, true, &sa) != 0) {
         snprintf(err, errlen, "rpc_listen: \"%s\" is not ip:port",
                  s->cfg.rpc_listen ? s->cfg.rpc_listen : "");
         return -EINVAL;

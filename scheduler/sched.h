@@ -346,6 +346,15 @@ bool sched_lifecycle_busy(struct sched *s, const char *id);
 
 /* ---- Agent RPC client (agentc.c) --------------------------------------- */
 
+/*
+ * "1.2.3.4:80", "[::1]:80" or "localhost:80" into a socket address (for
+ * listening, connecting to agents and to the leader). Port 0 only with
+ * port0 (listen on any port). 0 or -EINVAL.
+ */
+struct sockaddr_storage;
+int sched_parse_addr(const char *text, bool port0,
+                     struct sockaddr_storage *sa);
+
 struct sched_areq;
 
 struct sched_areq_cb {

@@ -66,7 +66,7 @@ struct fixture {
 
 static struct fixture *fx;
 
-/* ---- the agent, behind a unix socket like QEMU's ------------------------ */
+/* ---- the agent, behind a unix socket like QEMU's ------------------------- */
 
 static void __attribute__((noreturn))
 agent_main(int lfd)
@@ -184,7 +184,7 @@ teardown(void **state)
     return 0;
 }
 
-/* ---- one request's outcome ------------------------------------------------ */
+/* ---- one request's outcome ----------------------------------------------- */
 
 struct outcome {
     bool started, replied, failed;
@@ -252,7 +252,7 @@ static const struct guestc_req_cb ocb = {
     .on_start = o_start, .on_data = o_data, .on_reply = o_reply,
     .on_error = o_error};
 
-/* ---- tests ---------------------------------------------------------------- */
+/* ---- tests --------------------------------------------------------------- */
 
 static void
 test_ping_and_exec(void **state)

@@ -925,7 +925,8 @@ static void
 test_json(void **state)
 {
     (void)state;
-    json_case("{\"name\":\"a\",\"age\":3,\"tags\":[\"x\"],\"env\":{\"K\":\"v\"}}",
+    json_case("{\"name\":\"a\",\"age\":3,\"tags\":[\"x\"],"
+              "\"env\":{\"K\":\"v\"}}",
               200, NULL, "\"got\"");
     json_case("{\"name\":\"a\",\"agee\":3}", 400, "invalid_argument",
               "unknown field 'agee'");
